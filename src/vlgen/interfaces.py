@@ -1,0 +1,127 @@
+"""The small contracts every vlgen component meets.
+
+Data flows one way: pixels -> ``VisualEncoder`` (tokens ``[B, N, Dv]``) -> ``Bridge`` (prompts ``[B, M, Dllm]`` plus
+auxiliary losses) -> ``LanguageModel`` (loss on caption tokens, or generated text). Encoders, bridges and language
+models know nothing of Lightning or of each other; the LightningModules in ``vlgen.models`` only see these
+interfaces. Batches are TypedDicts so every key a model reads is named here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+import torch
+from torch import Tensor, nn
+
+
+class CaptionBatch(TypedDict):
+    """What image-text and video-text data modules yield.
+
+    Attributes:
+        pixels: ``[B, C, H, W]`` images or ``[B, T, C, H, W]`` video frames, already transformed.
+        captions: one training target per sample (at evaluation the first reference).
+        references: every reference caption of each sample (for metrics).
+        ids: a stable identifier per sample (image or video id).
+        num_skipped: samples dropped from this batch because their file or text was unreadable.
+    """
+
+    pixels: Tensor
+    captions: list[str]
+    references: list[list[str]]
+    ids: list[str]
+    num_skipped: int
+
+
+class TextBatch(TypedDict):
+    """What text-only data modules yield."""
+
+    text: list[str]
+    num_skipped: int
+
+
+@dataclass
+class BridgeOutput:
+    """Prompts for the language model plus whatever auxiliary losses the bridge computed.
+
+    Attributes:
+        prompts: ``[B, M, Dllm]`` soft prompts, prepended to the language model's input.
+        mask: ``[B, M]`` with 1 for real prompts (``None`` means all real).
+        losses: named scalar losses the bridge adds to the training objective (already weighted).
+    """
+
+    prompts: Tensor
+    mask: Tensor | None = None
+    losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+class VisualEncoder(nn.Module, ABC):
+    """Images ``[B, C, H, W]`` -> visual tokens ``[B, N, D]``."""
+
+    @property
+    @abstractmethod
+    def embed_dim(self) -> int:
+        """Width ``D`` of the tokens this encoder returns."""
+
+    @abstractmethod
+    def image_transform(self, train: bool) -> Callable[[Any], Tensor]:
+        """PIL image -> normalised tensor ``[C, H, W]`` as this encoder expects it."""
+
+    @abstractmethod
+    def forward(self, pixels: Tensor) -> Tensor: ...
+
+
+class Bridge(nn.Module, ABC):
+    """Visual tokens -> language-model prompts.
+
+    A bridge is constructed from its own hyper-parameters only; the widths on either side are derived by the model
+    that owns it, which calls :meth:`build` once with the encoder's ``embed_dim`` and the LLM's ``hidden_size``.
+    """
+
+    @abstractmethod
+    def build(self, vision_dim: int, llm_dim: int) -> None:
+        """Create the layers that depend on the widths of the encoder and the language model."""
+
+    @abstractmethod
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> BridgeOutput:
+        """``tokens [B, N, Dv]`` (``mask [B, N]``) -> :class:`BridgeOutput` with ``prompts [B, M, Dllm]``."""
+
+
+class LanguageModel(nn.Module, ABC):
+    """A (usually frozen) language model that reads soft prompts followed by text."""
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int:
+        """Width of the input embeddings, which the bridge must produce."""
+
+    @abstractmethod
+    def loss(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str], targets: list[str]) -> Tensor:
+        """Mean cross-entropy over the target tokens only, given ``[prompts][prefix text]`` as context."""
+
+    @abstractmethod
+    def generate(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str]) -> list[str]:
+        """Decode one string per sample after ``[prompts][prefix text]``."""
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """Return ``(trainable, frozen)`` parameter counts of ``module``."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return trainable, frozen
+
+
+def freeze(module: nn.Module) -> None:
+    """Stop gradients into ``module`` and put it in eval mode (dropout off)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+
+
+def all_real(mask: Tensor | None, like: Tensor) -> Tensor:
+    """``mask`` or, when it is ``None``, an all-ones ``[B, N]`` mask for ``like [B, N, ...]``."""
+    if mask is not None:
+        return mask
+    return torch.ones(like.shape[:2], dtype=torch.long, device=like.device)

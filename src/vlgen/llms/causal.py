@@ -1,0 +1,132 @@
+"""A decoder-only Hugging Face LM (``AutoModelForCausalLM``) that reads soft prompts.
+
+Training input is ``[prompts][prefix tokens][target tokens][eos]`` padded on the right; the loss covers the target
+tokens and the end-of-sequence token only. Generation input is the same without the target, padded on the left so
+every sequence ends at the last position (position ids then follow the attention mask, as ``generate`` expects).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import Tensor
+
+from vlgen.interfaces import LanguageModel, all_real, count_parameters, freeze
+from vlgen.llms.loading import Decoding, DType, load_pretrained, torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+class CausalLM(LanguageModel):
+    """Any ``AutoModelForCausalLM`` (OPT, Llama, SmolLM, Qwen, GPT-2 ...) behind the vlgen interface.
+
+    Args:
+        name_or_path: hub id, local directory (``save_pretrained`` layout) or ``pkg:PACKAGE`` (a package that
+            ships model files).
+        gguf_file: a GGUF file inside ``name_or_path``; dequantised once and cached as safetensors.
+        dtype: weights' dtype (prompts are cast to it; the loss is computed in float32).
+        frozen: keep every LM parameter fixed (the usual setting); false fine-tunes the LM too.
+        decoding: generation settings.
+        max_target_tokens: targets longer than this are truncated in training.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        gguf_file: str | None = None,
+        dtype: DType = "float32",
+        frozen: bool = True,
+        decoding: Decoding | None = None,
+        max_target_tokens: int = 64,
+    ) -> None:
+        super().__init__()
+        self.model, self.tokenizer = load_pretrained(
+            transformers.AutoModelForCausalLM, name_or_path, gguf_file, dtype, option="llm"
+        )
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.decoding = decoding or Decoding()
+        self.max_target_tokens = max_target_tokens
+        self.dtype = torch_dtype(dtype)
+        self.frozen = frozen
+        if frozen:
+            freeze(self.model)
+        trainable, fixed = count_parameters(self.model)
+        log.info("llm %s: %s trainable, %s frozen parameters", name_or_path, f"{trainable:,}", f"{fixed:,}")
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().embedding_dim)
+
+    def train(self, mode: bool = True) -> CausalLM:
+        super().train(mode and not self.frozen)
+        return self
+
+    # --- tokenisation -------------------------------------------------------------------------------------------
+    def _prefix_ids(self, prefix: str) -> list[int]:
+        # The tokenizer's own special tokens (a BOS for Llama/OPT, none for SmolLM/GPT-2) open the text.
+        return self.tokenizer(prefix, add_special_tokens=True).input_ids if prefix else self._bos()
+
+    def _bos(self) -> list[int]:
+        ids = self.tokenizer("", add_special_tokens=True).input_ids
+        return list(ids)
+
+    def _target_ids(self, prefix: str, target: str) -> list[int]:
+        text = f" {target}" if prefix else target
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids[: self.max_target_tokens]
+        return [*ids, self.tokenizer.eos_token_id]
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    # --- training -----------------------------------------------------------------------------------------------
+    def loss(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str], targets: list[str]) -> Tensor:
+        num_prompts = prompts.shape[1]
+        rows, labels = [], []
+        for prefix, target in zip(prefixes, targets, strict=True):
+            p, t = self._prefix_ids(prefix), self._target_ids(prefix, target)
+            rows.append(p + t)
+            labels.append([-100] * len(p) + t)
+        length = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        device = prompts.device
+        ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=device)  # [B, L]
+        text_mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], device=device)
+        label_t = torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels], device=device)
+        embeds = torch.cat([prompts.to(self.dtype), self._embed(ids)], dim=1)  # [B, M + L, D]
+        mask = torch.cat([all_real(prompt_mask, prompts).to(text_mask.dtype), text_mask], dim=1)
+        logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits[:, num_prompts:]  # [B, L, V]
+        # token t is predicted from position t-1
+        return F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), label_t[:, 1:].reshape(-1), ignore_index=-100
+        )
+
+    # --- generation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str]) -> list[str]:
+        batch, num_prompts, width = prompts.shape
+        rows = [self._prefix_ids(p) for p in prefixes]
+        length = num_prompts + max(len(r) for r in rows)
+        device = prompts.device
+        embeds = prompts.new_zeros(batch, length, width, dtype=self.dtype)  # left-padded [B, M + L, D]
+        mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+        pmask = all_real(prompt_mask, prompts)
+        for i, row in enumerate(rows):
+            start = length - num_prompts - len(row)
+            embeds[i, start : start + num_prompts] = prompts[i].to(self.dtype)
+            mask[i, start : start + num_prompts] = pmask[i]
+            if row:
+                embeds[i, start + num_prompts :] = self._embed(torch.tensor(row, device=device))
+                mask[i, start + num_prompts :] = 1
+        out = self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            **self.decoding.kwargs(),
+        )
+        # With inputs_embeds only, decoder-only generate returns the new tokens alone.
+        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

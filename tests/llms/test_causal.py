@@ -1,0 +1,81 @@
+"""CausalLM: loss masking, padding independence, batched generation, freezing, loading errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlgen.errors import ConfigError
+from vlgen.llms import CausalLM, Decoding
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llm_dir):
+    return CausalLM(str(tiny_llm_dir), decoding=Decoding(max_new_tokens=6))
+
+
+def test_frozen_by_default(llm):
+    assert llm.hidden_size == 64
+    assert not any(p.requires_grad for p in llm.parameters())
+    llm.train()
+    assert not llm.model.training  # a frozen LM stays in eval mode
+
+
+def test_loss_matches_manual_cross_entropy_on_target_tokens_only(llm):
+    torch.manual_seed(0)
+    prompts = torch.randn(1, 3, 64)
+    loss = llm.loss(prompts, None, ["a photo of"], ["a red circle"])
+    tok = llm.tokenizer
+    prefix = tok("a photo of").input_ids
+    target = [*tok(" a red circle", add_special_tokens=False).input_ids, tok.eos_token_id]
+    ids = torch.tensor([prefix + target])
+    embeds = torch.cat([prompts, llm.model.get_input_embeddings()(ids)], 1)
+    logits = llm.model(inputs_embeds=embeds).logits[0]
+    start = 3 + len(prefix)  # first target position
+    manual = torch.nn.functional.cross_entropy(logits[start - 1 : -1], torch.tensor(target))
+    assert torch.allclose(loss, manual, atol=1e-5)
+
+
+def test_loss_of_a_sample_does_not_depend_on_its_batch_neighbours(llm):
+    torch.manual_seed(1)
+    prompts = torch.randn(2, 3, 64)
+    captions = ["a red circle", "a small blue square to the left of a large green triangle"]
+    both = llm.loss(prompts, None, ["a photo of"] * 2, captions)
+    singles = [llm.loss(prompts[i : i + 1], None, ["a photo of"], [captions[i]]) for i in range(2)]
+    n = [len(llm._target_ids("a photo of", c)) for c in captions]
+    weighted = (singles[0] * n[0] + singles[1] * n[1]) / sum(n)  # token-level mean over the batch
+    assert torch.allclose(both, weighted, atol=1e-5)
+
+
+def test_gradient_reaches_prompts_not_weights(llm):
+    prompts = torch.randn(2, 3, 64, requires_grad=True)
+    llm.loss(prompts, None, ["a photo of"] * 2, ["a red circle", "two blue squares"]).backward()
+    assert prompts.grad is not None and prompts.grad.abs().sum() > 0
+    assert all(p.grad is None for p in llm.parameters())
+
+
+def test_batched_generation_equals_one_by_one_with_different_prefix_lengths(llm):
+    torch.manual_seed(2)
+    prompts = torch.randn(3, 4, 64)
+    prefixes = ["a photo of", "question what colour is the circle short answer", ""]
+    batched = llm.generate(prompts, None, prefixes)
+    single = [llm.generate(prompts[i : i + 1], None, [prefixes[i]])[0] for i in range(3)]
+    assert batched == single
+    assert all(isinstance(s, str) for s in batched)
+
+
+def test_beam_search_and_length_limits(tiny_llm_dir):
+    lm = CausalLM(str(tiny_llm_dir), decoding=Decoding(num_beams=3, max_new_tokens=5, min_new_tokens=5))
+    out = lm.generate(torch.randn(2, 2, 64), None, ["a photo of"] * 2)
+    # word-level tokenizer: one generated token per word (eos suppressed until min length)
+    assert [len(s.split()) for s in out] == [5, 5]
+
+
+def test_missing_local_path_is_one_line_naming_the_option(tmp_path):
+    with pytest.raises(ConfigError, match=r"llm.name_or_path: .*nope does not exist"):
+        CausalLM(str(tmp_path / "nope"))
+
+
+def test_unknown_package_is_named():
+    with pytest.raises(ConfigError, match="not_a_real_pkg_xyz"):
+        CausalLM("pkg:not_a_real_pkg_xyz")
