@@ -15,7 +15,7 @@ import transformers
 from torch import Tensor
 
 from vlgen.interfaces import LanguageModel, all_real, count_parameters, freeze
-from vlgen.llms.loading import Decoding, DType, load_pretrained, torch_dtype
+from vlgen.llms.loading import Decoding, DType, ModelRecipe, load_pretrained, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ class CausalLM(LanguageModel):
         frozen: keep every LM parameter fixed (the usual setting); false fine-tunes the LM too.
         decoding: generation settings.
         max_target_tokens: targets longer than this are truncated in training.
+        build_if_missing: a recipe that writes the model to ``name_or_path`` when that path does not exist
+            (e.g. the tiny LM the CPU configs pre-train on the synthetic world's text).
     """
 
     def __init__(
@@ -41,10 +43,11 @@ class CausalLM(LanguageModel):
         frozen: bool = True,
         decoding: Decoding | None = None,
         max_target_tokens: int = 64,
+        build_if_missing: ModelRecipe | None = None,
     ) -> None:
         super().__init__()
         self.model, self.tokenizer = load_pretrained(
-            transformers.AutoModelForCausalLM, name_or_path, gguf_file, dtype, option="llm"
+            transformers.AutoModelForCausalLM, name_or_path, gguf_file, dtype, "llm", build_if_missing
         )
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import shutil
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +64,14 @@ class Decoding:
         if self.do_sample:
             out.update(top_p=self.top_p, temperature=self.temperature)
         return out
+
+
+class ModelRecipe(ABC):
+    """Builds a model directory (``save_pretrained`` layout) when the configured path does not exist yet."""
+
+    @abstractmethod
+    def build(self, out_dir: Path) -> None:
+        """Write a loadable model and tokenizer into ``out_dir``."""
 
 
 def torch_dtype(name: DType) -> torch.dtype:
@@ -124,9 +133,17 @@ def gguf_to_local(directory: str, gguf_file: str, auto_class: Any, option: str =
 
 
 def load_pretrained(
-    auto_class: Any, name_or_path: str, gguf_file: str | None, dtype: DType, option: str = "llm"
+    auto_class: Any,
+    name_or_path: str,
+    gguf_file: str | None,
+    dtype: DType,
+    option: str = "llm",
+    build_if_missing: ModelRecipe | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` through ``from_pretrained``, with one-line errors naming the option."""
+    if build_if_missing is not None and not Path(name_or_path).exists():
+        log.info("%s.name_or_path: %s is missing; building it with %s", option, name_or_path, build_if_missing)
+        build_if_missing.build(Path(name_or_path))
     path = resolve_name_or_path(name_or_path, f"{option}.name_or_path")
     if gguf_file is not None:
         path = gguf_to_local(path, gguf_file, auto_class, f"{option}.gguf_file")

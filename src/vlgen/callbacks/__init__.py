@@ -1,0 +1,5 @@
+"""Lightning callbacks of vlgen."""
+
+from vlgen.callbacks.caption_table import CaptionTable
+
+__all__ = ["CaptionTable"]

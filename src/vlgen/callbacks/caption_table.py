@@ -1,0 +1,47 @@
+"""A W&B table of validation images with their generated and reference captions, once per validation run.
+
+It reads ``logged_samples`` that the captioning module keeps from its first validation batch and does nothing when
+no ``WandbLogger`` is attached, so it can stay in every config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+
+def to_uint8_image(pixels: torch.Tensor) -> Any:
+    """A normalised ``[C, H, W]`` image (or ``[T, C, H, W]`` clip: its middle frame) -> ``[H, W, C]`` uint8 array."""
+    if pixels.ndim == 4:
+        pixels = pixels[pixels.shape[0] // 2]
+    lo, hi = pixels.min(), pixels.max()
+    scaled = (pixels - lo) / (hi - lo).clamp_min(1e-6)
+    return (scaled * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+class CaptionTable(pl.Callback):
+    """Log ``val/captions`` (image, generated, references) to every W&B logger of the run.
+
+    Args:
+        key: the table's name in W&B.
+    """
+
+    def __init__(self, key: str = "val/captions") -> None:
+        self.key = key
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        samples = getattr(pl_module, "logged_samples", None)
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not samples or not loggers or not trainer.is_global_zero:
+            return
+        import wandb
+
+        rows = [
+            [s["id"], wandb.Image(to_uint8_image(s["pixels"])), s["caption"], " | ".join(s["references"])]
+            for s in samples
+        ]
+        for logger in loggers:
+            logger.log_table(key=self.key, columns=["id", "image", "generated", "references"], data=rows)

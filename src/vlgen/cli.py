@@ -1,0 +1,120 @@
+"""The ``vlgen`` command: Lightning's CLI (``fit``, ``validate``, ``test``, ``predict``) plus a few verbs of ours.
+
+Models and data modules are chosen in YAML with ``class_path`` / ``init_args``; several ``--config`` files compose
+(one for the model and trainer, one from ``data_modules/`` for the data). Extra verbs:
+
+* ``vlgen make-world ROOT [--world.seed ...]``: write the synthetic shapes world to ``ROOT``.
+
+A configuration mistake (an unknown key, a path that does not exist) stops the run with one line naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from vlgen.errors import ConfigError
+
+EXTRA_VERBS = ("make-world",)
+
+
+class VLGenCLI(LightningCLI):
+    """LightningCLI with vlgen's defaults: CSV logs under ``runs/``, a progress bar, seed 0."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults(
+            {
+                "trainer.default_root_dir": "runs",
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": "runs", "name": "vlgen"},
+                },
+            }
+        )
+
+
+def _quiet_third_party() -> None:
+    # Messages that are noise for users of a frozen LLM (e.g. "some weights are unused") stay out of the way.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)`.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen parts stay in eval
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("transformers", "httpx", "urllib3", "timm"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def make_world(argv: list[str]) -> None:
+    """``vlgen make-world ROOT``: write the synthetic shapes world (images, captions, text corpus)."""
+    from jsonargparse import ArgumentParser
+
+    from vlgen.data.synthetic import ShapesWorld
+
+    parser = ArgumentParser(prog="vlgen make-world", description=make_world.__doc__)
+    parser.add_argument("root", type=str, help="directory to write the world into")
+    parser.add_class_arguments(ShapesWorld, "world")
+    args = parser.parse_args(argv)
+    world = parser.instantiate_classes(args).world
+    print(world.write(args.root))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``vlgen`` command."""
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_third_party()
+    try:
+        if argv and argv[0] == "make-world":
+            make_world(argv[1:])
+            return
+        VLGenCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},
+            args=None if from_command_line else argv,
+        )
+    except argparse.ArgumentError as err:
+        print(f"vlgen: error: {_first_line(str(err))}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as err:
+        cause = _config_cause(err)
+        if cause is None:
+            raise
+        print(f"vlgen: error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+_GENERIC = ("Does not validate against", "Subtypes:", "Errors:", "Expected a <class 'NoneType'>", "Given value")
+
+
+def _first_line(message: str) -> str:
+    """jsonargparse's multi-line parse error squeezed into one line that keeps the specific reasons."""
+    lines = [ln.strip().lstrip("- ").strip() for ln in message.strip().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(_GENERIC)]
+    return " ".join(lines) if lines else "invalid arguments"
+
+
+def _config_cause(err: BaseException | None) -> BaseException | None:
+    """The configuration error behind ``err`` (jsonargparse wraps errors raised while building components)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (ConfigError, FileNotFoundError)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""A tiny causal LM pre-trained on a synthetic world's text corpus: the frozen LLM of CPU tiny configs and tests.
+
+Real frozen LLMs already know the language the captions are written in; a random tiny LM does not, and would make
+CPU runs meaningless. This recipe gives the CPU tier the same situation in miniature: a word-level tokenizer and a
+small Llama trained for a few seconds on the world's text corpus (never on images), written with
+``save_pretrained`` so it is then loaded through the ordinary ``from_pretrained`` path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from vlgen.data.synthetic.shapes import ShapesWorld
+from vlgen.llms.loading import ModelRecipe
+
+log = logging.getLogger(__name__)
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+PROMPT_WORDS = "a photo of question what is the colour color shape short answer".split()
+
+
+class ShapesTinyLM(ModelRecipe):
+    """Write the shapes world (if needed), then pre-train a small Llama on its text corpus.
+
+    Args:
+        world: the world whose ``corpus.txt`` is the training text.
+        world_root: where that world lives (written there when missing).
+        hidden_size: model width.
+        num_layers: transformer layers.
+        num_heads: attention heads.
+        steps: optimiser steps of next-token training.
+        batch_size: sentences per step.
+        lr: AdamW learning rate.
+        seed: initialisation and batching seed.
+    """
+
+    def __init__(
+        self,
+        world: ShapesWorld,
+        world_root: str,
+        hidden_size: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        steps: int = 600,
+        batch_size: int = 64,
+        lr: float = 3e-3,
+        seed: int = 0,
+    ) -> None:
+        self.world, self.world_root = world, Path(world_root)
+        self.hidden_size, self.num_layers, self.num_heads = hidden_size, num_layers, num_heads
+        self.steps, self.batch_size, self.lr, self.seed = steps, batch_size, lr, seed
+
+    def build(self, out_dir: Path) -> None:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+        self.world.write(self.world_root)
+        sentences = (self.world_root / "corpus.txt").read_text().split("\n")
+        sentences = [s for s in sentences if s.strip()]
+        pre = pre_tokenizers.Whitespace()
+        words = sorted({w for s in sentences for w, _ in pre.pre_tokenize_str(s)} | set(PROMPT_WORDS))
+        backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + words)}, unk_token="<unk>"))
+        backend.pre_tokenizer = pre
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+        )
+        torch.manual_seed(self.seed)
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.hidden_size * 2,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=True,
+        )
+        model = LlamaForCausalLM(config)
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.01)
+        gen = torch.Generator().manual_seed(self.seed)
+        loss = torch.tensor(float("nan"))
+        for step in range(self.steps):
+            pick = torch.randint(len(sentences), (self.batch_size,), generator=gen).tolist()
+            rows = [
+                [tok.bos_token_id, *tok(sentences[i], add_special_tokens=False).input_ids, tok.eos_token_id]
+                for i in pick
+            ]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])  # [B, L]
+            mask = (ids != tok.pad_token_id).long()
+            labels = ids.masked_fill(mask == 0, -100)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            for group in opt.param_groups:  # linear decay to zero
+                group["lr"] = self.lr * (1 - (step + 1) / self.steps)
+        log.info("tiny LM: %d steps on %d sentences, final loss %.3f", self.steps, len(sentences), loss.item())
+        partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial)
+        tok.save_pretrained(partial)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        partial.rename(out_dir)

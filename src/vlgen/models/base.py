@@ -1,0 +1,126 @@
+"""What every vlgen LightningModule shares: the optimiser, trainable-only checkpoints, skipped-sample counts.
+
+Frozen parameters (the LLM, usually the vision encoder) never enter the optimiser or a checkpoint: a checkpoint holds
+the trainable weights plus the optimiser and scheduler state, so a run with a frozen 135M-parameter LLM saves
+megabytes. Loading relies on the frozen parts being rebuilt from the same config (``strict_loading = False``), and
+checks that every trainable weight the model expects is in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from vlgen.interfaces import count_parameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Optim:
+    """AdamW with linear warmup then cosine decay, stepped per optimiser step.
+
+    Args:
+        lr: peak learning rate.
+        min_lr: learning rate at the end of the cosine.
+        weight_decay: decoupled weight decay (not applied to biases, norms and 1-d parameters).
+        betas: AdamW betas.
+        warmup_steps: linear warmup from 0 to ``lr``.
+        max_steps: cosine length; by default the trainer's estimated number of optimiser steps.
+    """
+
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 2000
+    max_steps: int | None = None
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """Multiplier of the peak lr at ``step``: linear warmup, then cosine from 1 down to ``floor``."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class VLModule(pl.LightningModule):
+    """Base LightningModule: optimiser over trainable parameters, lean checkpoints, data-skip accounting."""
+
+    def __init__(self, optim: Optim | None = None) -> None:
+        super().__init__()
+        self.optim = optim or Optim()
+        self.strict_loading = False  # frozen weights are rebuilt from the config, not read from the checkpoint
+        self._skipped = 0
+
+    def log_parameter_counts(self) -> None:
+        for name, child in self.named_children():
+            trainable, frozen = count_parameters(child)
+            log.info("%s: %s trainable, %s frozen parameters", name, f"{trainable:,}", f"{frozen:,}")
+
+    # --- optimisation ---------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+        if not decay and not no_decay:
+            raise ValueError("model has no trainable parameters: check the frozen flags of its components")
+        groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0}]
+        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas)
+        total = self.optim.max_steps or int(self.trainer.estimated_stepping_batches)
+        floor = self.optim.min_lr / self.optim.lr
+        warmup = min(self.optim.warmup_steps, max(0, total - 1))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, floor))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- lean checkpoints -----------------------------------------------------------------------------------------
+    def _trainable_keys(self) -> set[str]:
+        keys = {n for n, p in self.named_parameters() if p.requires_grad}
+        frozen_modules = {n for n, m in self.named_modules() if n and _all_frozen(m)}
+        for name, _ in self.named_buffers():
+            owner = name.rsplit(".", 1)[0] if "." in name else ""
+            if not any(owner == f or owner.startswith(f + ".") for f in frozen_modules):
+                keys.add(name)
+        return keys
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self._trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = sorted(k for n, p in self.named_parameters() if p.requires_grad for k in [n])
+        missing = [k for k in missing if k not in checkpoint["state_dict"]]
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}")
+
+    # --- bad data accounting --------------------------------------------------------------------------------------
+    def count_skipped(self, batch: dict[str, Any]) -> bool:
+        """Add the batch's skipped samples to the epoch count; True when nothing usable is left in the batch."""
+        self._skipped += int(batch.get("num_skipped", 0))
+        first = next(iter(v for k, v in batch.items() if k != "num_skipped"))
+        return len(first) == 0
+
+    def report_skipped(self, stage: str) -> None:
+        total = self._skipped
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            t = torch.tensor(total, device=self.device)
+            torch.distributed.all_reduce(t)
+            total = int(t.item())
+        self._skipped = 0
+        if total:
+            log.warning("%s: %d unreadable samples skipped this epoch", stage, total)
+        self.log(f"{stage}/skipped", float(total), rank_zero_only=True, sync_dist=False)
+
+
+def _all_frozen(module: nn.Module) -> bool:
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
