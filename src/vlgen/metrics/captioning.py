@@ -15,7 +15,7 @@ from typing import Any
 
 from torchmetrics import Metric
 
-from vlgen.dist import gather_objects
+from vlgen.dist import broadcast_from_zero, gather_objects, rank
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,8 @@ class CaptionMetrics(Metric):
             refs[i] = ref
         if not preds:
             raise ValueError("CaptionMetrics.compute() called before any update()")
-        return self.score(preds, refs)
+        # Rank zero scores the gathered set (one Java tokenizer/METEOR run) and shares the numbers.
+        return broadcast_from_zero(self.score(preds, refs) if rank() == 0 else None)
 
     def score(self, preds: dict[Any, list[str]], refs: dict[Any, list[str]]) -> dict[str, float]:
         """Score ``{key: [prediction]}`` against ``{key: [references]}`` with pycocoevalcap's scorers."""

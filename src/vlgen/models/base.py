@@ -118,7 +118,7 @@ class VLModule(pl.LightningModule):
         self._skipped = 0
         if total:
             log.warning("%s: %d unreadable samples skipped this epoch", stage, total)
-        self.log(f"{stage}/skipped", float(total), rank_zero_only=True, sync_dist=False)
+        self.log(f"{stage}/skipped", float(total))  # already summed over ranks
 
 
 def _all_frozen(module: nn.Module) -> bool:

@@ -120,9 +120,8 @@ class Captioner(VLModule):
         self.report_skipped("test")
         rows = _unique_by_id(gather_objects(self._outputs))
         self._outputs = []
+        out_dir = self._run_dir()  # every rank asks: trainer.log_dir is a collective call under DDP
         if self.trainer.is_global_zero:
-            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "metrics.json").write_text(json.dumps(scores, indent=2) + "\n")
             _write_jsonl(out_dir / "predictions.jsonl", rows)
             rank_zero_info(f"test metrics: {out_dir / 'metrics.json'}  predictions: {out_dir / 'predictions.jsonl'}")
@@ -137,11 +136,16 @@ class Captioner(VLModule):
     def on_predict_epoch_end(self) -> None:
         rows = _unique_by_id(gather_objects(self._outputs))
         self._outputs = []
+        out_dir = self._run_dir()
         if self.trainer.is_global_zero:
-            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
             _write_jsonl(out_dir / "predictions.jsonl", rows)
             rank_zero_info(f"predictions: {out_dir / 'predictions.jsonl'} ({len(rows)} captions)")
+
+    def _run_dir(self) -> Path:
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if self.trainer.is_global_zero:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        return out_dir
 
     def _log_metrics(self, stage: str, metrics: CaptionMetrics) -> dict[str, float]:
         if metrics.is_empty() or self.trainer.sanity_checking:
@@ -149,7 +153,7 @@ class Captioner(VLModule):
             return {}
         scores = {f"{stage}/{k}": float(v) for k, v in metrics.compute().items()}
         metrics.reset()
-        self.log_dict(scores, rank_zero_only=True)
+        self.log_dict(scores)  # identical on every rank: compute() already gathered all samples
         if stage == "test" or self.trainer.is_global_zero:
             rank_zero_info(f"{stage}: " + "  ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in scores.items()))
         return {k.split("/", 1)[1]: v for k, v in scores.items()}

@@ -131,7 +131,7 @@ def captions(scene: Scene, rng: np.random.Generator, count: int = 5) -> list[str
             f"a {a.name(False)}",
             f"there is a {a.name()}",
             f"one {a.name(False)} on a plain background",
-            f"a single {a.size} {a.shape} that is {a.color}",
+            f"a single {a.size} {a.color} {a.shape}",
             f"a {a.color} {a.shape} alone",
             f"the picture shows a {a.name()}",
         ]

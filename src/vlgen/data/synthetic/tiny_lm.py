@@ -46,8 +46,8 @@ class ShapesTinyLM(ModelRecipe):
         hidden_size: int = 128,
         num_layers: int = 2,
         num_heads: int = 4,
-        steps: int = 600,
-        batch_size: int = 64,
+        steps: int = 400,
+        batch_size: int = 32,
         lr: float = 3e-3,
         seed: int = 0,
     ) -> None:
@@ -56,16 +56,22 @@ class ShapesTinyLM(ModelRecipe):
         self.steps, self.batch_size, self.lr, self.seed = steps, batch_size, lr, seed
 
     def build(self, out_dir: Path) -> None:
-        from tokenizers import Tokenizer, models, pre_tokenizers
+        from tokenizers import Tokenizer, models, pre_tokenizers, processors
         from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
         self.world.write(self.world_root)
         sentences = (self.world_root / "corpus.txt").read_text().split("\n")
         sentences = [s for s in sentences if s.strip()]
+        per_scene = self.world.args["captions_per_image"]
+        # The corpus lists each unseen scene's phrasings in a row: a "document" of 2-3 of them teaches the LM to
+        # read its context (later phrasings repeat earlier colours and shapes), which soft prompts then exploit.
+        documents = [sentences[i : i + per_scene] for i in range(0, len(sentences) - per_scene + 1, per_scene)]
         pre = pre_tokenizers.Whitespace()
         words = sorted({w for s in sentences for w, _ in pre.pre_tokenize_str(s)} | set(PROMPT_WORDS))
         backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + words)}, unk_token="<unk>"))
         backend.pre_tokenizer = pre
+        bos_id = SPECIALS.index("<s>")
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos_id)])
         tok = PreTrainedTokenizerFast(
             tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
         )
@@ -88,11 +94,14 @@ class ShapesTinyLM(ModelRecipe):
         gen = torch.Generator().manual_seed(self.seed)
         loss = torch.tensor(float("nan"))
         for step in range(self.steps):
-            pick = torch.randint(len(sentences), (self.batch_size,), generator=gen).tolist()
-            rows = [
-                [tok.bos_token_id, *tok(sentences[i], add_special_tokens=False).input_ids, tok.eos_token_id]
-                for i in pick
-            ]
+            pick = torch.randint(len(documents), (self.batch_size,), generator=gen).tolist()
+            rows = []
+            for i in pick:  # 1-3 phrasings of one scene, in random order
+                count = int(torch.randint(1, 4, (1,), generator=gen))
+                row = [tok.bos_token_id]
+                for j in torch.randperm(len(documents[i]), generator=gen)[:count].tolist():
+                    row += [*tok(documents[i][j], add_special_tokens=False).input_ids, tok.eos_token_id]
+                rows.append(row)
             width = max(len(r) for r in rows)
             ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])  # [B, L]
             mask = (ids != tok.pad_token_id).long()
