@@ -1,25 +1,31 @@
 """Pieces every vlgen data module shares: tolerant annotation reading and a collate that drops bad samples.
 
 A long run must not die on one broken record or file. Records that cannot be used (a bad JSON line, a missing
-field, an empty caption) are skipped when read, logged with the file name and position, and counted; samples whose
-file cannot be decoded come back from ``__getitem__`` as ``None`` and the collate function drops and counts them, so
-the count travels with the batch (``num_skipped``) out of dataloader workers. ``strict=True`` raises instead.
+field, an empty caption) are skipped when read, logged with the file name and position, and counted
+(:class:`BadRecords`); samples whose file cannot be decoded come back from ``__getitem__`` as ``None``
+(:class:`BadFiles` logs each file once) and the collate function drops and counts them, so the count travels with the
+batch (``num_skipped``) out of dataloader workers. With ``strict=True`` both raise :class:`BadSample` instead.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
-from functools import partial
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, TypeVar
 
 import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from vlgen.errors import ConfigError
+from vlgen.interfaces import CaptionBatch
 
 log = logging.getLogger(__name__)
+MAX_WARNINGS = 20  # per annotation file; further bad records are only counted
+T = TypeVar("T")
 
 
 class BadSample(ValueError):
@@ -27,86 +33,155 @@ class BadSample(ValueError):
 
 
 def require_file(path: str | Path, option: str) -> Path:
-    """``path`` as a Path, or a one-line error naming the option when it does not exist."""
+    """``path`` as a Path, or a one-line ``FileNotFoundError`` naming the option when it does not exist."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{option}: {p} does not exist")
+        raise FileNotFoundError(f"{option}: {p} does not exist")
     return p
 
 
-def read_records(path: Path, strict: bool = False) -> tuple[list[dict[str, Any]], int]:
-    """Records of a JSON list or a JSONL file, and how many entries were unreadable (skipped)."""
-    bad = 0
+class BadRecords:
+    """Counts the unusable records of one annotation file and logs the first few; raises instead when ``strict``."""
 
-    def reject(where: str, why: str) -> None:
-        nonlocal bad
-        if strict:
-            raise BadSample(f"{path}:{where}: {why}")
-        log.warning("skipping %s:%s: %s", path, where, why)
-        bad += 1
+    def __init__(self, path: Path, strict: bool) -> None:
+        self.path, self.strict, self.count = path, strict, 0
 
+    def __call__(self, where: str, why: str) -> None:
+        if self.strict:
+            raise BadSample(f"{self.path}:{where}: {why}")
+        self.count += 1
+        if self.count <= MAX_WARNINGS:
+            log.warning("skipping %s:%s: %s", self.path, where, why)
+        elif self.count == MAX_WARNINGS + 1:
+            log.warning("%s: more bad records; counting them without logging", self.path)
+
+
+def read_records(path: Path, bad: BadRecords) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(position, record)`` for each JSON object of a JSON list, a JSONL file or an official COCO captions file.
+
+    A whole file that is not JSON raises :class:`~vlgen.errors.ConfigError`; a bad JSONL line or a non-object entry
+    goes to ``bad`` with its line or record number.
+    """
     text = path.read_text(encoding="utf-8", errors="replace")
-    entries: Iterator[tuple[str, Any]]
-    if text.lstrip().startswith("["):
+    whole: Any = None
+    if text.lstrip().startswith(("[", "{")):
         try:
-            entries = ((f"record {i}", r) for i, r in enumerate(json.loads(text)))
+            whole = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+            if text.lstrip().startswith("["):
+                raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if isinstance(whole, dict) and "annotations" in whole and "images" in whole:  # captions_train2014.json
+        files = {img.get("id"): img.get("file_name") for img in whole["images"] if isinstance(img, dict)}
+        whole = [
+            {"image": files.get(a.get("image_id")), "caption": a.get("caption"), "image_id": str(a.get("image_id"))}
+            for a in whole["annotations"]
+            if isinstance(a, dict)
+        ]
+    if isinstance(whole, (list, dict)):
+        entries = list(enumerate(whole if isinstance(whole, list) else [whole]))
+        located: Iterator[tuple[str, Any]] = ((f"record {i}", r) for i, r in entries)
     else:
-
-        def lines() -> Iterator[tuple[str, Any]]:
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"line {n}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    reject(f"line {n}", f"bad JSON ({err.msg})")
-
-        entries = lines()
-    records = []
-    for where, record in entries:
-        if not isinstance(record, dict):
-            reject(where, "not a JSON object")
-            continue
-        record["_where"] = where
-        records.append(record)
-    return records, bad
+        located = _jsonl(text, bad)
+    for where, record in located:
+        if isinstance(record, dict):
+            yield where, record
+        else:
+            bad(where, "not a JSON object")
 
 
-def clean_captions(value: Any) -> list[str]:
-    """A caption field (a string or a list of strings) as a list of non-empty stripped strings."""
+def _jsonl(text: str, bad: BadRecords) -> Iterator[tuple[str, Any]]:
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"line {n}", json.loads(line)
+            except json.JSONDecodeError as err:
+                bad(f"line {n}", f"bad JSON ({err.msg})")
+
+
+def clean_captions(value: Any, where: str, bad: BadRecords) -> list[str]:
+    """A caption field (a string or a list of strings) as stripped non-empty strings.
+
+    A record without any caption goes to ``bad`` once (and ``[]`` comes back); empty entries of an otherwise usable
+    list go to ``bad`` one by one.
+    """
     items = value if isinstance(value, list) else [value]
-    return [c.strip() for c in items if isinstance(c, str) and c.strip()]
+    good = [c.strip() for c in items if isinstance(c, str) and c.strip()]
+    if not good:
+        bad(where, "no 'caption' field" if value is None else "empty caption")
+    else:
+        for k, caption in enumerate(items):
+            if not (isinstance(caption, str) and caption.strip()):
+                bad(f"{where} caption {k}", "empty caption")
+    return good
 
 
-class SkipCounter:
-    """Logs each bad file once and raises instead when ``strict``."""
+class BadFiles:
+    """Logs each unreadable file once (per process: every dataloader worker has its own); raises when ``strict``."""
 
     def __init__(self, strict: bool) -> None:
         self.strict = strict
         self._seen: set[str] = set()
 
-    def __call__(self, name: str, why: str) -> None:
+    def __call__(self, name: str, err: BaseException) -> None:
         if self.strict:
-            raise BadSample(f"{name}: {why}")
+            raise BadSample(f"{name}: {type(err).__name__}: {err}") from err
         if name not in self._seen:
             self._seen.add(name)
-            log.warning("skipping unreadable sample %s: %s", name, why)
+            log.warning("skipping unreadable file %s: %s: %s", name, type(err).__name__, err)
 
 
-def collate_dropping_bad(samples: list[dict[str, Any] | None], tensor_keys: tuple[str, ...]) -> dict[str, Any]:
-    """Stack ``tensor_keys`` and list the other fields of the good samples; ``num_skipped`` counts the ``None``s."""
+def drop_bad(samples: Sequence[T | None]) -> tuple[list[T], int]:
+    """The good samples and how many were ``None``."""
     good = [s for s in samples if s is not None]
-    batch: dict[str, Any] = {"num_skipped": len(samples) - len(good)}
-    if not good:
-        return {**{k: torch.empty(0) for k in tensor_keys}, "captions": [], "references": [], "ids": [], **batch}
-    for key in good[0]:
-        values = [s[key] for s in good]
-        batch[key] = torch.stack(values) if key in tensor_keys else values  # [B, ...]
-    return batch
+    return good, len(samples) - len(good)
 
 
-def make_collate(tensor_keys: tuple[str, ...]) -> Callable[[list[Any]], dict[str, Any]]:
-    """A picklable collate function (dataloader workers may be spawned) for the given tensor fields."""
-    return partial(collate_dropping_bad, tensor_keys=tensor_keys)
+class CaptionSample(TypedDict):
+    """One item of an image- or video-caption dataset, before collation into a :class:`CaptionBatch`."""
+
+    pixels: Tensor
+    caption: str
+    references: list[str]
+    id: str
+
+
+@dataclass(frozen=True)
+class CaptionCollate:
+    """Collate :class:`CaptionSample` items (``None`` for unreadable ones) into a :class:`CaptionBatch`.
+
+    Args:
+        pixel_shape: shape of one sample's pixels (``[C, H, W]`` or ``[T, C, H, W]``), used for a batch in which
+            every sample was bad: it still has pixels of shape ``[0, *pixel_shape]``.
+    """
+
+    pixel_shape: tuple[int, ...]
+
+    def __call__(self, samples: Sequence[CaptionSample | None]) -> CaptionBatch:
+        good, skipped = drop_bad(samples)
+        if good:
+            pixels = torch.stack([s["pixels"] for s in good])  # B x [C, H, W] -> [B, C, H, W] (or [B, T, C, H, W])
+        else:
+            pixels = torch.empty((0, *self.pixel_shape))
+        return CaptionBatch(
+            pixels=pixels,
+            captions=[s["caption"] for s in good],
+            references=[s["references"] for s in good],
+            ids=[s["id"] for s in good],
+            num_skipped=skipped,
+        )
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool, collate: Callable
+) -> DataLoader:
+    """A DataLoader as every vlgen data module builds it (Lightning adds a DistributedSampler under DDP)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        collate_fn=collate,
+    )

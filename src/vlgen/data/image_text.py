@@ -1,10 +1,12 @@
 """Image-caption data: COCO-style annotation files plus an image folder, as a LightningDataModule.
 
 Annotation files are a JSON list or JSONL of records with ``image`` (path relative to the image root), ``caption``
-(a string or a list, as in the COCO Karpathy files) and an optional ``image_id``. Training yields one sample per
-(image, caption) pair; validation and test yield one sample per image with all of its captions as references.
-Batches carry raw strings (the model tokenises) and images transformed as the model's encoder expects: the module
-asks the attached LightningModule for ``image_transform(train)``.
+(a string or a list, as in the COCO Karpathy files) and an optional ``image_id`` (default: the image path).
+Training yields one sample per (image, caption) pair; validation, test and predict-from-test yield one sample per
+image with all of its captions as references (records are grouped by ``image_id``). Batches carry raw strings (the
+model tokenises) and images transformed as the model's encoder expects: the module asks the attached
+LightningModule for ``image_transform(train)``. Unusable records and unreadable images are skipped and counted
+(see :mod:`vlgen.data.common`).
 """
 
 from __future__ import annotations
@@ -12,50 +14,74 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from vlgen.data.common import SkipCounter, clean_captions, make_collate, read_records, require_file
-from vlgen.data.synthetic.shapes import ShapesWorld
+from vlgen.data.common import (
+    BadFiles,
+    BadRecords,
+    CaptionCollate,
+    CaptionSample,
+    clean_captions,
+    make_loader,
+    read_records,
+    require_file,
+)
+from vlgen.data.synthetic.shapes import BACKGROUND, ShapesWorld
+from vlgen.errors import ConfigError
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+SPLIT_STAGE = {"train": "fit", "val": "validate", "test": "test", "predict": "predict"}
+Transform = Callable[[Image.Image], Any]
+
+
+class ImageItem(NamedTuple):
+    """One sample before loading: image path (relative to the image root), its captions, its id."""
+
+    image: str
+    captions: tuple[str, ...]
+    id: str
+
+
+def default_transform(image_size: int) -> Transform:
+    """Resize the short side, centre-crop, scale to [-1, 1]; used only when no model provides a transform."""
+    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
 
 
 class ImageCaptionDataset(Dataset):
-    """``(image path, captions, id)`` items; unreadable images come back as ``None`` (dropped by the collate)."""
+    """Loads and transforms the images of :class:`ImageItem` s; an unreadable image comes back as ``None``.
 
-    def __init__(self, items: list[tuple[Path, list[str], str]], transform: Callable, strict: bool, train: bool):
-        self.items = items
-        self.transform = transform
-        self.train = train
-        self.skip = SkipCounter(strict)
+    Args:
+        items: the samples.
+        image_root: directory the items' image paths are relative to.
+        transform: PIL RGB image -> tensor ``[C, H, W]``.
+        strict: raise on an unreadable image instead of skipping it.
+    """
+
+    def __init__(self, items: list[ImageItem], image_root: Path, transform: Transform, strict: bool) -> None:
+        self.items, self.image_root, self.transform = items, image_root, transform
+        self.bad_files = BadFiles(strict)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        path, caps, sample_id = self.items[index]
+    def __getitem__(self, index: int) -> CaptionSample | None:
+        item = self.items[index]
+        path = self.image_root / item.image
         try:
             with Image.open(path) as img:
-                pixels = self.transform(img.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as err:
-            self.skip(str(path), f"{type(err).__name__}: {err}")
+                rgb = img.convert("RGB")  # decodes the whole file: a truncated one fails here, not in the model
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            self.bad_files(str(path), err)
             return None
-        return {
-            "pixels": pixels,
-            "captions": caps[0] if caps else "",
-            "references": caps if not self.train else caps[:1],
-            "ids": sample_id,
-        }
-
-
-def default_transform(image_size: int) -> Callable:
-    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+        caption = item.captions[0] if item.captions else ""
+        return CaptionSample(pixels=self.transform(rgb), caption=caption, references=list(item.captions), id=item.id)
 
 
 class ImageTextDataModule(pl.LightningDataModule):
@@ -64,16 +90,16 @@ class ImageTextDataModule(pl.LightningDataModule):
     Args:
         root: directory holding the annotation files (and the images unless ``image_root`` is given).
         train_file: training annotations, relative to ``root`` (null: no training split).
-        val_file: validation annotations (several captions per image become references).
+        val_file: validation annotations (null: no validation).
         test_file: test annotations.
-        image_root: directory image paths are relative to (default: ``root``).
+        image_root: directory the image paths of the annotations are relative to (default: ``root``).
         predict_dir: a folder of images to caption with ``vlgen predict`` (default: the test split).
         batch_size: training batch size per device.
-        eval_batch_size: validation / test / predict batch size (default: ``batch_size``).
+        eval_batch_size: validation / test / predict batch size per device (default: ``batch_size``).
         num_workers: dataloader worker processes.
-        pin_memory: pin host memory for faster GPU copies.
-        skip_bad_samples: skip (log and count) unreadable images and records; false raises on the first one.
-        image_size: image side for the fallback transform, used only without a model that provides one.
+        pin_memory: pin host memory for faster copies to the GPU.
+        skip_bad_samples: skip (log and count) unusable records and unreadable images; false raises on the first.
+        image_size: image side of the fallback transform, used only without a model that provides one.
         generate: a synthetic world to write into ``root`` when it is not there yet.
     """
 
@@ -105,99 +131,114 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.strict = not skip_bad_samples
         self.image_size = image_size
         self.generate = generate
-        self.num_bad_records: dict[str, int] = {}
+        self.bad_records_per_file: dict[str, int] = {}
         self.datasets: dict[str, ImageCaptionDataset] = {}
-        self._transforms: tuple[Callable, Callable] | None = None
-        if generate is None and not self.root.exists():
-            raise FileNotFoundError(f"data.root: {self.root} does not exist")
+        self._transforms: tuple[Transform, Transform] | None = None
+        if generate is None:
+            for option, path in (("data.root", self.root), ("data.image_root", self.image_root)):
+                if not path.is_dir():
+                    raise FileNotFoundError(f"{option}: {path} does not exist")
+
+    @property
+    def num_bad_records(self) -> int:
+        """Annotation records skipped so far, over all files read (per file: ``bad_records_per_file``)."""
+        return sum(self.bad_records_per_file.values())
 
     def prepare_data(self) -> None:
         if self.generate is not None:
             self.generate.write(self.root)
 
-    def set_transforms(self, train: Callable, evaluation: Callable) -> None:
+    def set_transforms(self, train_tf: Transform, eval_tf: Transform) -> None:
         """Use these transforms instead of asking the LightningModule (for use outside a Trainer)."""
-        self._transforms = (train, evaluation)
+        self._transforms = (train_tf, eval_tf)
 
-    def _transform(self, train: bool) -> Callable:
+    def _transform(self, train: bool) -> Transform:
         if self._transforms is not None:
             return self._transforms[0 if train else 1]
-        trainer = getattr(self, "trainer", None)
-        module = trainer.lightning_module if trainer is not None else None
-        if module is not None and hasattr(module, "image_transform"):
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and callable(getattr(module, "image_transform", None)):
             return module.image_transform(train)
         return default_transform(self.image_size)
 
     def setup(self, stage: str | None = None) -> None:
         if self.generate is not None:
-            self.generate.write(self.root)  # no-op when prepare_data already wrote it (or another rank did)
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
-        for split in wanted.get(stage or "fit", ["train", "val", "test"]):
-            if split == "predict":
-                self.datasets[split] = self._predict_dataset()
+            self.generate.write(self.root)  # a no-op when prepare_data (or another process) already wrote it
+        for split in STAGE_SPLITS.get(stage or "", ("train", "val", "test")):
+            if split in self.datasets:
+                self.datasets[split].transform = self._transform(split == "train")
+            elif split == "predict":
+                self.datasets[split] = self._predict_split()
             elif self.files[split] is not None:
-                self.datasets[split] = self._split(split)
+                self.datasets[split] = self._annotated_split(split)
+        log.info("data: %s", self.summary())
 
-    def _split(self, split: str) -> ImageCaptionDataset:
-        path = require_file(self.root / str(self.files[split]), f"data.{split}_file")
-        records, bad = read_records(path, self.strict)
+    def _annotated_split(self, split: str) -> ImageCaptionDataset:
+        option = f"data.{split}_file"
+        path = require_file(self.root / str(self.files[split]), option)
+        bad = BadRecords(path, self.strict)
         train = split == "train"
-        grouped: dict[str, tuple[Path, list[str]]] = {}
-        for record in records:
-            caps = clean_captions(record.get("caption"))
-            why = "no 'image' field" if not record.get("image") else None if caps else "empty caption"
-            if why:
-                if self.strict:
-                    raise ValueError(f"{path}:{record['_where']}: {why}")
-                log.warning("skipping %s:%s: %s", path, record["_where"], why)
-                bad += 1
+        items: list[ImageItem] = []
+        groups: dict[str, tuple[str, list[str]]] = {}  # image_id -> (image, every caption of it)
+        for where, record in read_records(path, bad):
+            image = record.get("image")
+            if not isinstance(image, str) or not image.strip():
+                bad(where, "no 'image' field")
                 continue
-            image_id = str(record.get("image_id", record["image"]))
-            key = f"{image_id}#{len(grouped)}" if train else image_id
-            entry = grouped.setdefault(key, (self.image_root / record["image"], []))
-            entry[1].extend(caps)
-        self.num_bad_records[split] = bad
-        if train:  # one sample per (image, caption) pair
-            items = [(p, [c], k.rsplit("#", 1)[0]) for k, (p, caps) in grouped.items() for c in caps]
-        else:  # one sample per image, every caption a reference
-            items = [(p, caps, k) for k, (p, caps) in grouped.items()]
-        log.info("%s: %d samples from %s (%d records skipped)", split, len(items), path, bad)
-        return ImageCaptionDataset(items, self._transform(train), self.strict, train)
+            caps = clean_captions(record.get("caption"), where, bad)
+            image_id = str(record.get("image_id", image))
+            if train:  # one sample per (image, caption) pair
+                items += [ImageItem(image, (c,), image_id) for c in caps]
+            elif caps:  # one sample per image, every caption a reference
+                groups.setdefault(image_id, (image, []))[1].extend(caps)
+        items += [ImageItem(image, tuple(caps), image_id) for image_id, (image, caps) in groups.items()]
+        self.bad_records_per_file[str(path)] = bad.count
+        if not items:
+            raise ConfigError(f"{option}: {path} holds no usable records ({bad.count} skipped)")
+        return ImageCaptionDataset(items, self.image_root, self._transform(train), self.strict)
 
-    def _predict_dataset(self) -> ImageCaptionDataset:
+    def _predict_split(self) -> ImageCaptionDataset:
         if self.predict_dir is None:
-            return self._split("test")
+            if self.files["test"] is None:
+                raise ConfigError("data.predict_dir: not set, and data.test_file is null: nothing to predict")
+            return self._annotated_split("test")
         if not self.predict_dir.is_dir():
             raise FileNotFoundError(f"data.predict_dir: {self.predict_dir} does not exist")
-        files = sorted(p for p in self.predict_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        items = [(p, [], str(p.relative_to(self.predict_dir))) for p in files]
-        return ImageCaptionDataset(items, self._transform(False), self.strict, train=False)
-
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split])
-        return DataLoader(
-            self.datasets[split],
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=make_collate(("pixels",)),
+        names = sorted(
+            p.relative_to(self.predict_dir).as_posix()
+            for p in self.predict_dir.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         )
+        if not names:
+            raise ConfigError(f"data.predict_dir: {self.predict_dir} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files")
+        items = [ImageItem(name, (), name) for name in names]
+        return ImageCaptionDataset(items, self.predict_dir, self._transform(False), self.strict)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+    def _loader(self, split: str, batch_size: int) -> DataLoader | list:
+        if split not in self.datasets:
+            self.setup(SPLIT_STAGE[split])
+        if split not in self.datasets:  # its file is null: Lightning skips an empty list of loaders
+            return []
+        dataset = self.datasets[split]
+        dataset.transform = self._transform(split == "train")  # the model may have changed since setup
+        probe = dataset.transform(Image.new("RGB", (self.image_size, self.image_size), BACKGROUND))
+        collate = CaptionCollate(tuple(probe.shape))  # [C, H, W] of an all-bad batch's empty pixels
+        return make_loader(dataset, batch_size, split == "train", self.num_workers, self.pin_memory, collate)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.eval_batch_size)
+    def train_dataloader(self) -> DataLoader | list:
+        return self._loader("train", self.batch_size)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", self.eval_batch_size)
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", False, self.eval_batch_size)
+    def test_dataloader(self) -> DataLoader | list:
+        return self._loader("test", self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._loader("predict", self.eval_batch_size)
 
     def summary(self) -> str:
-        sizes = ", ".join(f"{k}: {len(v)}" for k, v in self.datasets.items())
-        return f"{self.root} ({sizes}); bad records skipped: {self.num_bad_records}"
+        """One line for logs: samples per split and the bad records skipped (per file when there are any)."""
+        sizes = ", ".join(f"{split} {len(ds)}" for split, ds in self.datasets.items()) or "no split set up"
+        text = f"{self.root}: {sizes} samples; {self.num_bad_records} bad records skipped"
+        per_file = [f"{Path(f).name}: {n}" for f, n in self.bad_records_per_file.items() if n]
+        return f"{text} ({', '.join(per_file)})" if per_file else text

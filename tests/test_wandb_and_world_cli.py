@@ -1,0 +1,70 @@
+"""W&B caption tables (offline, no account) and the `vlgen make-world` verb."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import ClassVar
+
+import lightning.pytorch as pl
+import torch
+
+from vlgen.callbacks import CaptionTable
+from vlgen.callbacks.caption_table import to_uint8_image
+from vlgen.cli import main
+
+
+def test_caption_table_logs_to_offline_wandb(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = WandbLogger(project="vlgen-test", save_dir=str(tmp_path), offline=True)
+    tables = []
+    monkeypatch.setattr(logger, "log_table", lambda key, columns, data: tables.append((key, columns, data)))
+
+    class Module(pl.LightningModule):
+        logged_samples: ClassVar[list[dict]] = [
+            {
+                "pixels": torch.randn(3, 8, 8),
+                "caption": "a red circle",
+                "references": ["a red circle", "red"],
+                "id": "0",
+            }
+        ]
+
+    trainer = pl.Trainer(logger=logger, enable_checkpointing=False, enable_progress_bar=False)
+    CaptionTable().on_validation_epoch_end(trainer, Module())
+    assert tables and tables[0][0] == "val/captions"
+    assert tables[0][1] == ["id", "image", "generated", "references"]
+    assert tables[0][2][0][2] == "a red circle" and tables[0][2][0][3] == "a red circle | red"
+    logger.experiment.finish()
+    assert any(p.name.startswith("offline-run") for p in (tmp_path / "wandb").iterdir())
+
+
+def test_image_for_tables_spans_the_byte_range():
+    img = to_uint8_image(torch.linspace(-1, 1, 3 * 4 * 4).reshape(3, 4, 4))
+    assert img.shape == (4, 4, 3) and img.min() == 0 and img.max() == 255
+    clip = to_uint8_image(torch.randn(5, 3, 4, 4))  # a video: the middle frame
+    assert clip.shape == (4, 4, 3)
+
+
+def test_make_world_verb(tmp_path, capsys):
+    root = tmp_path / "w"
+    main(
+        [
+            "make-world",
+            str(root),
+            "--world.num_train",
+            "3",
+            "--world.num_val",
+            "2",
+            "--world.num_test",
+            "2",
+            "--world.num_text",
+            "10",
+        ]
+    )
+    assert capsys.readouterr().out.strip() == str(root)
+    assert len(json.loads((root / "test.json").read_text())) == 2
+    assert os.path.isfile(root / "world.json")
