@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real models saved to temp dirs and loaded through the same code paths users hit."""
+"""Shared fixtures: tiny real models (a Llama, a BERT with an MLM head) saved to temp dirs and loaded through the
+same code paths users hit."""
 
 from __future__ import annotations
 
@@ -55,4 +56,30 @@ def tiny_llm_dir(tmp_path_factory) -> Path:
         eos_token_id=tok.eos_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+BERT_WORDS = "a an the photo of is red green blue circle square triangle left right above below small large".split()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    (out / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *BERT_WORDS]) + "\n")
+    tok = BertTokenizerFast.from_pretrained(out)  # reads vocab.txt (transformers 4.x and 5.x alike)
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        initializer_range=0.1,  # at BERT's default 0.02 a random BERT gives nearly the same [CLS] for every text
+    )
+    BertForMaskedLM(config).save_pretrained(out)
     return out

@@ -1,0 +1,414 @@
+"""The BLIP-2 Querying Transformer (Q-Former) as a vlgen bridge.
+
+Learned queries and (optionally) text share BERT self-attention layers; every ``cross_attention_frequency``-th layer
+lets the queries, and only them, cross-attend to the visual tokens; queries and text have separate feed-forward
+weights. Everything is initialised from a BERT checkpoint (embeddings, self-attention, the feed-forward copied into
+both branches, the MLM head) except the cross-attention, which :meth:`QFormer.build` creates fresh with the
+encoder's width. Parameter names follow Hugging Face's BLIP-2 (``query_tokens``, ``qformer.layernorm``,
+``qformer.encoder.layer.N.{attention,crossattention,intermediate_query,output_query}``, ``embeddings``,
+``language_projection``), so BLIP-2 checkpoints map onto this module key for key. The self-attention mask picks the
+stage-1 mode: ``unimodal`` (ITC), ``bidirectional`` (ITM) or ``causal`` (ITG: queries see queries, text sees every
+query and the text before it).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections import OrderedDict
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import Tensor, nn
+from transformers.activations import ACT2FN
+
+from vlgen.errors import ConfigError
+from vlgen.interfaces import Bridge, BridgeOutput, count_parameters, freeze
+from vlgen.llms.loading import dtype_kwarg, resolve_name_or_path
+
+log = logging.getLogger(__name__)
+
+Attn = Literal["unimodal", "bidirectional", "causal"]
+
+
+def attention_bias(num_queries: int, text_mask: Tensor | None, batch: int, attn: Attn, dtype: torch.dtype) -> Tensor:
+    """Additive self-attention bias ``[B, 1, L, L]`` over ``[queries; text]``, ``L = Q + T``.
+
+    ``unimodal``: queries and text do not see each other; ``bidirectional``: everything sees everything;
+    ``causal``: queries see the queries only, text sees all queries and the text up to itself. Padded text is never
+    attended to (``text_mask [B, T]``, 1 = real).
+    """
+    device = text_mask.device if text_mask is not None else None
+    length = num_queries + (0 if text_mask is None else text_mask.shape[1])
+    pos = torch.arange(length, device=device)
+    is_query = pos < num_queries
+    if attn == "bidirectional":
+        allowed = torch.ones(length, length, dtype=torch.bool, device=device)
+    elif attn == "unimodal":
+        allowed = is_query[:, None] == is_query[None, :]
+    elif attn == "causal":
+        allowed = is_query[None, :] | (~is_query[:, None] & (pos[None, :] <= pos[:, None]))
+    else:
+        raise ValueError(f"unknown attention mode {attn!r}")
+    keys = torch.ones(batch, length, dtype=torch.bool, device=device)
+    if text_mask is not None:
+        keys[:, num_queries:] = text_mask.bool()
+    allowed = allowed[None] & keys[:, None, :]  # [B, L (from), L (to)]
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class _MultiHeadAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int, kv_width: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(kv_width, hidden)
+        self.value = nn.Linear(kv_width, hidden)
+
+    def forward(self, x: Tensor, kv: Tensor, bias: Tensor | None) -> Tensor:
+        # [B, L, H] -> [B, heads, L, H / heads]
+        q, k, v = (
+            t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (self.query(x), self.key(kv), self.value(kv))
+        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
+        return out.transpose(1, 2).flatten(2)  # [B, heads, L, H / heads] -> [B, L, H]
+
+
+class _AddNorm(nn.Module):
+    """BERT's ``dense -> dropout -> LayerNorm(x + residual)`` (``BertSelfOutput`` / ``BertOutput``)."""
+
+    def __init__(self, width_in: int, hidden: int, eps: float, dropout: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width_in, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class _Attention(nn.Module):
+    def __init__(self, c: transformers.BertConfig, kv_width: int) -> None:
+        super().__init__()
+        self.attention = _MultiHeadAttention(
+            c.hidden_size, c.num_attention_heads, kv_width, c.attention_probs_dropout_prob
+        )
+        self.output = _AddNorm(c.hidden_size, c.hidden_size, c.layer_norm_eps, c.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, kv: Tensor, bias: Tensor | None) -> Tensor:
+        return self.output(self.attention(x, kv, bias), x)
+
+
+def _intermediate(c: transformers.BertConfig) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(dense=nn.Linear(c.hidden_size, c.intermediate_size), act=ACT2FN[c.hidden_act]))
+
+
+class QFormerLayer(nn.Module):
+    """Shared self-attention, cross-attention for the queries (when built), separate query/text feed-forwards."""
+
+    def __init__(self, c: transformers.BertConfig, text_input: bool) -> None:
+        super().__init__()
+        self.attention = _Attention(c, c.hidden_size)
+        self.crossattention: _Attention | None = None  # created by QFormer.build on cross-attention layers
+        ffn = (c.hidden_size, c.layer_norm_eps, c.hidden_dropout_prob)
+        if text_input:
+            self.intermediate, self.output = _intermediate(c), _AddNorm(c.intermediate_size, *ffn)
+        self.intermediate_query, self.output_query = _intermediate(c), _AddNorm(c.intermediate_size, *ffn)
+
+    def forward(self, x: Tensor, bias: Tensor | None, num_queries: int, vision: Tensor, vision_bias: Tensor) -> Tensor:
+        x = self.attention(x, x, bias)
+        parts = []
+        if num_queries:
+            q = x[:, :num_queries]
+            if self.crossattention is not None:
+                q = self.crossattention(q, vision, vision_bias)
+            parts.append(self.output_query(self.intermediate_query(q), q))
+        if x.shape[1] > num_queries:
+            t = x[:, num_queries:]
+            parts.append(self.output(self.intermediate(t), t))
+        return torch.cat(parts, dim=1)
+
+
+class _LMHead(nn.Module):
+    """BERT's MLM head (``predictions.transform``, ``predictions.bias``); the decoder is the word-embedding matrix,
+    tied as in LAVIS."""
+
+    def __init__(self, c: transformers.BertConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.predictions = nn.Module()
+        self.predictions.transform = nn.Sequential(
+            OrderedDict(
+                dense=nn.Linear(c.hidden_size, c.hidden_size),
+                act=ACT2FN[c.hidden_act],
+                LayerNorm=nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps),
+            )
+        )
+        self.predictions.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, x: Tensor, word_embeddings: Tensor) -> Tensor:
+        return F.linear(self.predictions.transform(x), word_embeddings, self.predictions.bias)
+
+
+class QFormer(Bridge):
+    """The BLIP-2 Q-Former: ``num_queries`` learned queries read the visual tokens through BERT layers.
+
+    Args:
+        bert: BERT checkpoint (hub id, local directory or ``pkg:NAME``) giving the layers and the tokenizer.
+        num_queries: number of learned queries, i.e. prompts given to the LLM.
+        cross_attention_frequency: layer ``i`` cross-attends to the image when ``i % frequency == 0``.
+        num_layers: keep only the first ``num_layers`` BERT layers (all by default).
+        dropout: hidden and attention dropout; BERT's own values by default.
+        frozen: keep the Q-Former fixed (the projection to the LLM still trains).
+        vision_norm: LayerNorm on the visual tokens first (BLIP-2's ``ln_vision``).
+        text_input: build the text path (word embeddings, text feed-forwards, LM head, tokenizer). Stage 1 needs
+            it; a captioning bridge does not (Hugging Face's ``use_qformer_text_input``).
+        init_from: a BLIP-2 stage-1 Lightning checkpoint whose ``qformer.`` weights are loaded after :meth:`build`;
+            the projection to the LLM stays fresh.
+    """
+
+    def __init__(
+        self,
+        bert: str,
+        num_queries: int = 32,
+        cross_attention_frequency: int = 2,
+        num_layers: int | None = None,
+        dropout: float | None = None,
+        frozen: bool = False,
+        vision_norm: bool = True,
+        text_input: bool = False,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        if cross_attention_frequency < 1:
+            raise ConfigError(f"bridge.cross_attention_frequency must be >= 1, got {cross_attention_frequency}")
+        path = resolve_name_or_path(bert, "bridge.bert")
+        try:
+            source, info = transformers.BertForMaskedLM.from_pretrained(
+                path, output_loading_info=True, **dtype_kwarg("float32")
+            )
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"bridge.bert: cannot load {bert!r}: {first}") from None
+        c = source.config
+        if num_layers is not None and not 1 <= num_layers <= c.num_hidden_layers:
+            raise ConfigError(f"bridge.num_layers must be in 1..{c.num_hidden_layers} for {bert}, got {num_layers}")
+        c.num_hidden_layers = num_layers or c.num_hidden_layers
+        if dropout is not None:
+            c.hidden_dropout_prob = c.attention_probs_dropout_prob = dropout
+        self.config, self.num_queries, self.frequency = c, num_queries, cross_attention_frequency
+        self.frozen, self.vision_norm, self.text_input, self.init_from = frozen, vision_norm, text_input, init_from
+        self.tokenizer = None
+        vocab = c.vocab_size
+        if text_input:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+            if self.tokenizer.bos_token != "[DEC]":  # LAVIS decodes from a [DEC] token in place of [CLS]
+                self.tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+            vocab = max(vocab, len(self.tokenizer))
+            self.embeddings = nn.ModuleDict(
+                {
+                    "word_embeddings": nn.Embedding(vocab, c.hidden_size, padding_idx=c.pad_token_id),
+                    "position_embeddings": nn.Embedding(c.max_position_embeddings, c.hidden_size),
+                }
+            )
+            self.cls = _LMHead(c, vocab)
+        self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, c.hidden_size))
+        layers = nn.ModuleList(QFormerLayer(c, text_input) for _ in range(c.num_hidden_layers))
+        self.qformer = nn.ModuleDict(
+            {
+                "layernorm": nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps),
+                "dropout": nn.Dropout(c.hidden_dropout_prob),
+                "encoder": nn.ModuleDict({"layer": layers}),
+            }
+        )
+        self.ln_vision: nn.Module = nn.Identity()
+        self.language_projection: nn.Module | None = None
+        self._built = False
+        self.apply(self._init_weights)
+        self._copy_from_bert(source, missing=set(info["missing_keys"]), name=bert)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.qformer["encoder"]["layer"]  # type: ignore[return-value]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        if module is self:
+            nn.init.normal_(self.query_tokens, std=std)
+
+    @torch.no_grad()
+    def _copy_from_bert(self, source: nn.Module, missing: set[str], name: str) -> None:
+        theirs = source.state_dict()
+        used, fresh = set(), []
+        self.bert_keys: dict[str, str] = {}  # our key -> the BERT key it was copied from
+        for key, param in self.state_dict().items():
+            bert_key = _bert_key(key)
+            if bert_key is None or bert_key not in theirs or bert_key in missing:
+                fresh.append(key)
+                continue
+            value = theirs[bert_key]
+            param[: value.shape[0]].copy_(value)  # the word embeddings may have grown by [DEC]
+            used.add(bert_key)
+            self.bert_keys[key] = bert_key
+        log.info("Q-Former: %d tensors loaded from BERT %s; fresh: %s", len(used), name, _summary(fresh))
+        unused = sorted(k for k in set(theirs) - used if not k.startswith("cls.predictions.decoder."))  # tied copies
+        log.info("Q-Former: BERT tensors not used: %s", _summary(unused))
+
+    def build(self, vision_dim: int, llm_dim: int | None) -> None:
+        """Create the cross-attention (keys/values of width ``vision_dim``) and the projection to ``llm_dim``.
+
+        ``llm_dim=None`` (stage 1, no LLM) makes no projection: :meth:`forward` then returns the query outputs.
+        """
+        cross = [i for i in range(len(self.layers)) if i % self.frequency == 0]
+        for i in cross:
+            self.layers[i].crossattention = _Attention(self.config, vision_dim)
+            self.layers[i].crossattention.apply(self._init_weights)
+        log.info("Q-Former: fresh cross-attention from width %d in layers %s", vision_dim, cross)
+        self.ln_vision = nn.LayerNorm(vision_dim) if self.vision_norm else nn.Identity()
+        self.language_projection = None if llm_dim is None else nn.Linear(self.hidden_size, llm_dim)
+        self._built = True
+        if self.init_from is not None:
+            load_stage1_qformer(self, self.init_from)
+        if self.frozen:
+            for child_name, child in self.named_children():
+                if child_name != "language_projection":
+                    freeze(child)
+            self.query_tokens.requires_grad_(False)
+        trainable, fixed = count_parameters(self)
+        log.info("Q-Former: %s trainable, %s frozen parameters", f"{trainable:,}", f"{fixed:,}")
+
+    def train(self, mode: bool = True) -> QFormer:
+        super().train(mode)
+        if self.frozen:  # a frozen Q-Former stays in eval mode (dropout off) whatever Lightning asks
+            for child_name, child in self.named_children():
+                if child_name != "language_projection":
+                    child.train(False)
+        return self
+
+    # --- encoding -------------------------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
+        """``(input_ids, attention_mask)``, each ``[B, max_length]`` (padded to the full length, as LAVIS does)."""
+        if self.tokenizer is None:
+            raise ConfigError("bridge.text_input must be true to encode text with the Q-Former")
+        out = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        return out["input_ids"].to(self.query_tokens.device), out["attention_mask"].to(self.query_tokens.device)
+
+    def encode(
+        self,
+        tokens: Tensor | None = None,
+        mask: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        attn: Attn = "bidirectional",
+    ) -> Tensor:
+        """Hidden states ``[B, Q + T, H]`` of ``[queries; text]``: queries when ``tokens [B, N, Dv]`` is given (with
+        its ``mask [B, N]``), text when ``input_ids [B, T]`` is, under the self-attention mode ``attn``."""
+        if tokens is None and input_ids is None:
+            raise ValueError("encode needs visual tokens, text, or both")
+        parts, num_queries, vision, vision_bias, bias = [], 0, None, None, None
+        if tokens is not None:
+            if not self._built:
+                raise RuntimeError("QFormer.build(vision_dim, llm_dim) must be called before encoding images")
+            vision = self.ln_vision(tokens.to(self.query_tokens.dtype))
+            if mask is not None:  # padded visual tokens: [B, N] -> additive [B, 1, 1, N]
+                vision_bias = torch.zeros(mask.shape, dtype=vision.dtype, device=vision.device)
+                vision_bias = vision_bias.masked_fill(~mask.bool(), torch.finfo(vision.dtype).min)[:, None, None]
+            num_queries = self.num_queries
+            parts.append(self.query_tokens.expand(tokens.shape[0], -1, -1))
+        if input_ids is not None:
+            if self.tokenizer is None:
+                raise ConfigError("bridge.text_input must be true to encode text with the Q-Former")
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            parts.append(
+                self.embeddings["word_embeddings"](input_ids) + self.embeddings["position_embeddings"](positions)
+            )
+        x = self.qformer["dropout"](self.qformer["layernorm"](torch.cat(parts, dim=1)))  # [B, Q + T, H]
+        if input_ids is not None:
+            text_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            bias = attention_bias(num_queries, text_mask, x.shape[0], attn, x.dtype)  # [B, 1, Q + T, Q + T]
+        for layer in self.layers:
+            x = layer(x, bias, num_queries, vision, vision_bias)
+        return x
+
+    def query_features(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Query outputs ``[B, Q, H]`` for visual tokens ``[B, N, Dv]``."""
+        return self.encode(tokens, mask)
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Unimodal text outputs ``[B, T, H]`` (no queries; position 0 is [CLS])."""
+        return self.encode(input_ids=input_ids, attention_mask=attention_mask)
+
+    def joint(self, tokens: Tensor, mask: Tensor | None, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Queries and text under the bidirectional mask (ITM): ``[B, Q + T, H]``."""
+        return self.encode(tokens, mask, input_ids, attention_mask, attn="bidirectional")
+
+    def itg_logits(self, tokens: Tensor, mask: Tensor | None, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Next-token logits ``[B, T, V]`` under the multimodal causal mask, with [DEC] in place of [CLS]."""
+        assert self.tokenizer is not None
+        dec = input_ids.clone()
+        dec[:, 0] = self.tokenizer.bos_token_id
+        hidden = self.encode(tokens, mask, dec, attention_mask, attn="causal")[:, self.num_queries :]  # [B, T, H]
+        return self.cls(hidden, self.embeddings["word_embeddings"].weight)
+
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> BridgeOutput:
+        queries = self.query_features(tokens, mask)  # [B, Q, H]
+        prompts = queries if self.language_projection is None else self.language_projection(queries)
+        return BridgeOutput(prompts=prompts)  # [B, Q, Dllm]
+
+
+def _bert_key(ours: str) -> str | None:
+    """The BERT (``BertForMaskedLM``) key a Q-Former weight is initialised from, or None for fresh weights."""
+    if ours.startswith("embeddings."):
+        return "bert." + ours
+    if ours.startswith("qformer.layernorm."):
+        return ours.replace("qformer.layernorm.", "bert.embeddings.LayerNorm.")
+    if ours.startswith("qformer.encoder.layer.") and ".crossattention." not in ours:
+        key = ours.replace("qformer.encoder.", "bert.encoder.").replace(".attention.attention.", ".attention.self.")
+        return key.replace("_query.", ".")  # the query feed-forward starts as a copy of BERT's
+    if ours.startswith("cls.predictions."):
+        return ours
+    return None
+
+
+def _summary(keys: list[str], limit: int = 8) -> str:
+    if not keys:
+        return "none"
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_stage1_qformer(qformer: QFormer, ckpt_path: str) -> None:
+    """Load the ``qformer.`` weights of a BLIP-2 stage-1 Lightning checkpoint into a built ``qformer``.
+
+    Every Q-Former weight but the projection to the LLM must be in the checkpoint; checkpoint weights this Q-Former
+    does not have (the text path when ``text_input`` is false) are skipped.
+    """
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"bridge.init_from: cannot read {ckpt_path}: {str(err).splitlines()[0]}") from None
+    theirs = {k[len("qformer.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("qformer.")}
+    ours = qformer.state_dict()
+    needed = [k for k in ours if not k.startswith("language_projection.")]
+    missing = [k for k in needed if k not in theirs]
+    if missing:
+        raise ConfigError(f"bridge.init_from: {ckpt_path} lacks {len(missing)} Q-Former weights, e.g. {missing[:3]}")
+    bad = [k for k in needed if theirs[k].shape != ours[k].shape]
+    if bad:
+        k = bad[0]
+        raise ConfigError(f"bridge.init_from: {k} is {tuple(theirs[k].shape)} there, {tuple(ours[k].shape)} here")
+    qformer.load_state_dict({k: theirs[k] for k in needed}, strict=False)
+    skipped = sorted(set(theirs) - set(needed))
+    log.info("Q-Former: %d tensors loaded from %s; skipped: %s", len(needed), ckpt_path, _summary(skipped))

@@ -1,0 +1,196 @@
+"""BLIP-2 stage 1: the Q-Former learns to read a frozen image encoder, with no language model.
+
+Three objectives of the BLIP-2 paper share the Q-Former. Image-text contrastive (ITC): query outputs and the text
+[CLS] output are projected and normalised, the image-text similarity is the best query's, negatives are the batch
+gathered across ranks with gradients, with a learned temperature. Image-text matching (ITM): a binary classifier on
+the query outputs of a bidirectional pass over (image, text) pairs, with one hard negative text per image and one
+hard negative image per text sampled from the ITC similarities. Image-grounded text generation (ITG): the caption
+decoded from [DEC] under the multimodal causal mask. Validation reports retrieval recall from the ITC similarities.
+Stage 2 (:class:`~vlgen.models.Captioner` with a :class:`~vlgen.bridges.QFormer` bridge) starts from this module's
+checkpoint with ``QFormer(init_from=...)``: only the ``qformer.`` weights carry over.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlgen.bridges.qformer import QFormer
+from vlgen.dist import gather_objects, rank, world_size
+from vlgen.errors import ConfigError
+from vlgen.interfaces import CaptionBatch, VisualEncoder
+from vlgen.models.base import Optim, VLModule
+from vlgen.models.blip2_losses import (
+    gather_no_grad,
+    gather_with_grad,
+    itc_loss,
+    itc_similarities,
+    itg_loss,
+    itm_labels,
+    positive_mask,
+    retrieval_recall,
+    sample_negatives,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Blip2Stage1(VLModule):
+    """BLIP-2 representation learning: ITC + ITM + ITG on a Q-Former over a (frozen) visual encoder.
+
+    Args:
+        encoder: the visual encoder; its ``embed_dim`` sizes the Q-Former's cross-attention.
+        qformer: the Q-Former, built with ``text_input: true`` (all three objectives read text).
+        embed_dim: width of the contrastive projections.
+        max_text_len: captions are truncated and padded to this many tokens.
+        itc_weight: weight of the contrastive loss.
+        itm_weight: weight of the matching loss.
+        itg_weight: weight of the captioning loss.
+        temperature: initial contrastive temperature (learned, kept within [0.001, 0.5]).
+        optim: optimiser and schedule.
+    """
+
+    def __init__(
+        self,
+        encoder: VisualEncoder,
+        qformer: QFormer,
+        embed_dim: int = 256,
+        max_text_len: int = 32,
+        itc_weight: float = 1.0,
+        itm_weight: float = 1.0,
+        itg_weight: float = 1.0,
+        temperature: float = 0.07,
+        optim: Optim | None = None,
+    ) -> None:
+        super().__init__(optim)
+        if qformer.tokenizer is None:
+            raise ConfigError("model.qformer.text_input must be true for BLIP-2 stage 1 (ITC, ITM and ITG read text)")
+        if max_text_len > qformer.config.max_position_embeddings:
+            raise ConfigError(
+                f"model.max_text_len ({max_text_len}) exceeds the Q-Former's "
+                f"max_position_embeddings ({qformer.config.max_position_embeddings})"
+            )
+        self.encoder = encoder
+        self.qformer = qformer
+        qformer.build(encoder.embed_dim, None)  # no LLM in stage 1: no projection to create
+        hidden = qformer.hidden_size
+        self.vision_proj = nn.Linear(hidden, embed_dim)
+        self.text_proj = nn.Linear(hidden, embed_dim)
+        self.itm_head = nn.Linear(hidden, 2)
+        self.temp = nn.Parameter(torch.tensor(float(temperature)))
+        self.max_text_len = max_text_len
+        self.weights = {"itc": itc_weight, "itm": itm_weight, "itg": itg_weight}
+        self._val: list[dict[str, Any]] = []
+        self.log_parameter_counts()
+
+    def image_transform(self, train: bool) -> Any:
+        """The transform the data module applies to each PIL image (the encoder's own)."""
+        return self.encoder.image_transform(train)
+
+    # --- embeddings -----------------------------------------------------------------------------------------------
+    def image_embeddings(self, pixels: Tensor) -> Tensor:
+        """Normalised contrastive query embeddings ``[B, Q, embed_dim]``."""
+        return self._image_feats(self.encoder(pixels))
+
+    def text_embeddings(self, texts: list[str]) -> Tensor:
+        """Normalised contrastive text embeddings ``[B, embed_dim]``."""
+        return self._text_feat(*self.qformer.tokenize(texts, self.max_text_len))
+
+    forward = image_embeddings
+
+    def _image_feats(self, tokens: Tensor) -> Tensor:
+        return F.normalize(self.vision_proj(self.qformer.query_features(tokens)), dim=-1)  # [B, Q, E]
+
+    def _text_feat(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        cls = self.qformer.text_features(input_ids, attention_mask)[:, 0]  # [B, T, H] -> [B, H]
+        return F.normalize(self.text_proj(cls), dim=-1)  # [B, E]
+
+    # --- training -------------------------------------------------------------------------------------------------
+    def compute_losses(self, tokens: Tensor, captions: list[str], ids: list[str] | None = None) -> dict[str, Tensor]:
+        """Unweighted ``itc``, ``itm`` (absent when no negative exists, e.g. a batch of one) and ``itg`` losses for
+        visual tokens ``[B, N, Dv]`` and their captions; ``ids`` mark captions of one image as mutual positives."""
+        batch = tokens.shape[0]
+        input_ids, att = self.qformer.tokenize(captions, self.max_text_len)  # [B, T] each
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_feats, text_feat = self._image_feats(tokens), self._text_feat(input_ids, att)
+        offset = rank() * batch
+        sim_i2t, sim_t2i = itc_similarities(  # [B, M] each
+            image_feats, text_feat, gather_with_grad(image_feats), gather_with_grad(text_feat), self.temp
+        )
+        losses = {"itc": itc_loss(sim_i2t, sim_t2i, offset)}
+        itm = self._itm_loss(tokens, input_ids, att, sim_i2t.detach(), sim_t2i.detach(), offset, ids)
+        if itm is not None:
+            losses["itm"] = itm
+        logits = self.qformer.itg_logits(tokens, None, input_ids, att)  # [B, T, V]
+        losses["itg"] = itg_loss(logits, input_ids, att)
+        return losses
+
+    def _itm_loss(
+        self,
+        tokens: Tensor,
+        input_ids: Tensor,
+        att: Tensor,
+        sim_i2t: Tensor,
+        sim_t2i: Tensor,
+        offset: int,
+        ids: list[str] | None,
+    ) -> Tensor | None:
+        batch, total = sim_i2t.shape
+        ids_all = gather_objects(list(ids)) if ids is not None else None
+        positives = positive_mask(batch, total, offset, ids, ids_all)
+        neg_text = sample_negatives(sim_i2t, positives)  # [B]: a text column for each local image, -1 if none
+        neg_image = sample_negatives(sim_t2i, positives)  # [B]: an image column for each local text, -1 if none
+        tokens_all = gather_with_grad(tokens)  # [M, N, Dv]
+        ids_world, att_world = gather_no_grad(input_ids), gather_no_grad(att)  # [M, T]
+        has_image, has_text = neg_image >= 0, neg_text >= 0
+        num_neg = int(has_image.sum() + has_text.sum())
+        if num_neg == 0 and world_size() == 1:
+            return None  # nothing to tell apart; under DDP the positives still run so every rank uses itm_head
+        text = torch.cat([input_ids, input_ids[has_image], ids_world[neg_text[has_text]]])  # pos, pos, neg
+        text_att = torch.cat([att, att[has_image], att_world[neg_text[has_text]]])
+        images = torch.cat([tokens, tokens_all[neg_image[has_image]], tokens[has_text]])  # pos, neg, pos
+        queries = self.qformer.joint(images, None, text, text_att)[:, : self.qformer.num_queries]  # [P, Q, H]
+        logits = self.itm_head(queries).mean(dim=1)  # [P, Q, 2] -> [P, 2]
+        return F.cross_entropy(logits, itm_labels(batch, num_neg, logits.device))
+
+    def training_step(self, batch: CaptionBatch, batch_idx: int) -> Tensor | None:
+        if self.count_skipped(batch):
+            return None
+        losses = self.compute_losses(self.encoder(batch["pixels"]), batch["captions"], batch["ids"])
+        loss = sum((self.weights[k] * v for k, v in losses.items()), torch.zeros((), device=losses["itc"].device))
+        size = len(batch["captions"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=size)
+        self.log("train/temp", self.temp.detach(), batch_size=size)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.report_skipped("train")
+
+    # --- validation: retrieval recall -----------------------------------------------------------------------------
+    def validation_step(self, batch: CaptionBatch, batch_idx: int) -> None:
+        if self.count_skipped(batch):
+            return
+        image_feats = self.image_embeddings(batch["pixels"])  # [B, Q, E]
+        texts = [refs or [cap] for refs, cap in zip(batch["references"], batch["captions"])]
+        text_feats = self.text_embeddings([t for refs in texts for t in refs]).split([len(r) for r in texts])
+        for i, sample_id in enumerate(batch["ids"]):
+            self._val.append({"id": sample_id, "image": image_feats[i].cpu(), "texts": text_feats[i].cpu()})
+
+    def on_validation_epoch_end(self) -> None:
+        rows = gather_objects(self._val)
+        self._val = []
+        rows = list({row["id"]: row for row in reversed(rows)}.values())[::-1]  # padded repeats: first of each id
+        if rows and not (self._trainer is not None and self.trainer.sanity_checking):
+            images = torch.stack([r["image"] for r in rows]).float()  # [I, Q, E]
+            texts = torch.cat([r["texts"] for r in rows]).float()  # [T, E]
+            owner = torch.cat([torch.full((len(r["texts"]),), i) for i, r in enumerate(rows)])  # [T]
+            sim = torch.einsum("iqe,te->itq", images, texts).amax(dim=-1)  # [I, T, Q] -> [I, T]
+            self.log_dict({f"val/{k}": v for k, v in retrieval_recall(sim, owner).items()})  # same on every rank
+        self.report_skipped("val")
