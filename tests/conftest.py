@@ -83,3 +83,51 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     )
     BertForMaskedLM(config).save_pretrained(out)
     return out
+
+
+def build_t5_word_tokenizer(out: Path):
+    """The word-level tokenizer above, closing every text with ``</s>`` as T5's tokenizer does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    eos = ("</s>", vocab["</s>"])
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[eos]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tok.save_pretrained(out)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    """A 2+2-layer random T5 (Flan-T5 style: gated-GELU, untied head) with a word-level tokenizer."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    out = tmp_path_factory.mktemp("tiny-t5")
+    tok = build_t5_word_tokenizer(out)
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
+    T5ForConditionalGeneration(config).save_pretrained(out)
+    return out

@@ -2,5 +2,6 @@
 
 from vlgen.llms.causal import CausalLM
 from vlgen.llms.loading import Decoding
+from vlgen.llms.seq2seq import Seq2SeqLM
 
-__all__ = ["CausalLM", "Decoding"]
+__all__ = ["CausalLM", "Decoding", "Seq2SeqLM"]
