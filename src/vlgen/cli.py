@@ -4,6 +4,12 @@ Models and data modules are chosen in YAML with ``class_path`` / ``init_args``; 
 (one for the model and trainer, one from ``data_modules/`` for the data). Extra verbs:
 
 * ``vlgen make-world ROOT [--world.seed ...]``: write the synthetic shapes world to ``ROOT``.
+* ``vlgen convert hf-blip2 SRC_DIR OUT.ckpt [--prompt TEXT] [--dtype float16]``: a Hugging Face BLIP-2 directory
+  as a vlgen checkpoint (trainable weights, the format of vlgen's Lightning checkpoints) plus ``OUT.yaml``, the
+  ``model:`` config that rebuilds it, for ``vlgen test --config OUT.yaml --config data_modules/X.yaml --ckpt_path
+  OUT.ckpt``.
+* ``vlgen convert to-hf-blip2 CKPT OUT_DIR --config CONFIG.yaml``: rebuild the model of ``CONFIG.yaml``, load
+  ``CKPT`` and write a ``Blip2ForConditionalGeneration`` directory with its processor.
 
 A configuration mistake (an unknown key, a path that does not exist) stops the run with one line naming it.
 """
@@ -21,7 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from vlgen.errors import ConfigError
 
-EXTRA_VERBS = ("make-world",)
+EXTRA_VERBS = ("make-world", "convert")
 
 
 class VLGenCLI(LightningCLI):
@@ -64,6 +70,29 @@ def make_world(argv: list[str]) -> None:
     print(world.write(args.root))
 
 
+def convert(argv: list[str]) -> None:
+    """``vlgen convert hf-blip2 SRC_DIR OUT.ckpt`` or ``vlgen convert to-hf-blip2 CKPT OUT_DIR --config CONFIG``."""
+    from vlgen.interop import convert as conversions
+
+    parser = argparse.ArgumentParser(prog="vlgen convert", description=convert.__doc__, exit_on_error=False)
+    directions = parser.add_subparsers(dest="direction", required=True)
+    to_vlgen = directions.add_parser("hf-blip2", help="Hugging Face BLIP-2 directory -> vlgen checkpoint + config")
+    to_vlgen.add_argument("src", help="a Blip2ForConditionalGeneration directory (save_pretrained layout)")
+    to_vlgen.add_argument("out", help="the checkpoint to write; the config goes beside it with a .yaml suffix")
+    to_vlgen.add_argument("--prompt", default="", help="text between the visual prompts and the caption")
+    to_vlgen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    to_hf = directions.add_parser("to-hf-blip2", help="vlgen checkpoint -> Hugging Face BLIP-2 directory")
+    to_hf.add_argument("ckpt", help="a vlgen checkpoint of a Captioner with a Q-Former")
+    to_hf.add_argument("out_dir", help="the directory to write")
+    to_hf.add_argument("--config", action="append", required=True, help="the model's config (repeatable)")
+    args = parser.parse_args(argv)
+    if args.direction == "hf-blip2":
+        ckpt, config = conversions.from_hf_blip2(args.src, args.out, prompt=args.prompt, dtype=args.dtype)
+        print(f"{ckpt}\n{config}")
+    else:
+        print(conversions.to_hf_blip2(args.ckpt, args.out_dir, args.config))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``vlgen`` command."""
     from_command_line = argv is None
@@ -72,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv and argv[0] == "make-world":
             make_world(argv[1:])
+            return
+        if argv and argv[0] == "convert":
+            convert(argv[1:])
             return
         VLGenCLI(
             LightningModule,

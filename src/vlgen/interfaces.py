@@ -8,6 +8,7 @@ interfaces. Batches are TypedDicts so every key a model reads is named here.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 
 class CaptionBatch(TypedDict):
@@ -118,6 +121,14 @@ def freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
     module.eval()
+
+
+def set_frozen(module: nn.Module, frozen: bool, name: str) -> None:
+    """Freeze ``module`` when ``frozen``, then log its trainable and frozen parameter counts once under ``name``."""
+    if frozen:
+        freeze(module)
+    trainable, fixed = count_parameters(module)
+    log.info("%s: %s trainable, %s frozen parameters", name, f"{trainable:,}", f"{fixed:,}")
 
 
 def all_real(mask: Tensor | None, like: Tensor) -> Tensor:

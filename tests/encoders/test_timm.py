@@ -51,3 +51,18 @@ def test_bad_name_and_missing_weights_are_named(tmp_path):
         TimmEncoder("no_such_vit")
     with pytest.raises(ConfigError, match="checkpoint_path"):
         TimmEncoder("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "x.pth"), model_kwargs=VIT)
+
+
+def test_init_seed_gives_the_same_weights_whatever_the_global_rng():
+    kwargs = {"model_kwargs": {"img_size": 32, "patch_size": 16, "depth": 1, "embed_dim": 24, "num_heads": 2}}
+    torch.manual_seed(1)
+    a = TimmEncoder("vit_tiny_patch16_224", init_seed=7, **kwargs)
+    after_a = torch.rand(1)
+    torch.manual_seed(2)
+    b = TimmEncoder("vit_tiny_patch16_224", init_seed=7, **kwargs)
+    c = TimmEncoder("vit_tiny_patch16_224", init_seed=8, **kwargs)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+    assert not torch.equal(a.state_dict()["model.pos_embed"], c.state_dict()["model.pos_embed"])
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(1), after_a)  # the global RNG stream is left as it was

@@ -47,6 +47,32 @@ def test_loss_of_a_sample_does_not_depend_on_its_batch_neighbours(llm):
     assert torch.allclose(both, weighted, atol=1e-5)
 
 
+def manual_loss(llm, prompts, prefixes, targets):
+    """Cross-entropy over every target token from full-sequence logits, one sample at a time, no shortcuts."""
+    total, count = 0.0, 0
+    for i, (prefix, target) in enumerate(zip(prefixes, targets)):
+        p, t = llm._prefix_ids(prefix), llm._target_ids(prefix, target)
+        embeds = torch.cat([prompts[i : i + 1], llm.model.get_input_embeddings()(torch.tensor([p + t]))], 1)
+        logits = llm.model(inputs_embeds=embeds).logits[0]  # [M + len(p) + len(t), V]
+        start = prompts.shape[1] + len(p)  # first target position
+        total = total + torch.nn.functional.cross_entropy(logits[start - 1 : -1], torch.tensor(t), reduction="sum")
+        count += len(t)
+    return total / count
+
+
+@pytest.mark.parametrize(
+    "prefixes",
+    [["a photo of", "question what colour is the circle short answer"], ["", ""], ["", "a photo of"]],
+    ids=["two-prefix-lengths", "no-prefix", "mixed"],
+)
+def test_loss_covers_every_target_token_whatever_the_prefixes(llm, prefixes):
+    torch.manual_seed(3)
+    prompts = torch.randn(2, 3, 64)
+    targets = ["a red circle", "two blue squares above a green triangle"]
+    expected = manual_loss(llm, prompts, prefixes, targets)
+    assert torch.allclose(llm.loss(prompts, None, prefixes, targets), expected, atol=1e-5)
+
+
 def test_gradient_reaches_prompts_not_weights(llm):
     prompts = torch.randn(2, 3, 64, requires_grad=True)
     llm.loss(prompts, None, ["a photo of"] * 2, ["a red circle", "two blue squares"]).backward()

@@ -8,7 +8,9 @@ encoder's width. Parameter names follow Hugging Face's BLIP-2 (``query_tokens``,
 ``qformer.encoder.layer.N.{attention,crossattention,intermediate_query,output_query}``, ``embeddings``,
 ``language_projection``), so BLIP-2 checkpoints map onto this module key for key. The self-attention mask picks the
 stage-1 mode: ``unimodal`` (ITC), ``bidirectional`` (ITM) or ``causal`` (ITG: queries see queries, text sees every
-query and the text before it).
+query and the text before it). Given a Hugging Face BLIP-2 directory in place of BERT, the Q-Former takes that
+model's shape and, once built, all of its weights: ``qformer.*``, ``query_tokens``, ``language_projection`` and
+``vision_model.post_layernorm`` as ``ln_vision`` (see :mod:`vlgen.encoders.hf_vision`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from transformers.activations import ACT2FN
 
 from vlgen.errors import ConfigError
 from vlgen.interfaces import Bridge, BridgeOutput, count_parameters, freeze
-from vlgen.llms.loading import dtype_kwarg, resolve_name_or_path
+from vlgen.loading import blip2_config, dtype_kwarg, read_weights, resolve_name_or_path
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +157,8 @@ class QFormer(Bridge):
     """The BLIP-2 Q-Former: ``num_queries`` learned queries read the visual tokens through BERT layers.
 
     Args:
-        bert: BERT checkpoint (hub id, local directory or ``pkg:NAME``) giving the layers and the tokenizer.
+        bert: BERT checkpoint (hub id, local directory or ``pkg:NAME``) giving the layers and the tokenizer, or a
+            Hugging Face BLIP-2 directory whose Q-Former (shape and weights) is taken whole.
         num_queries: number of learned queries, i.e. prompts given to the LLM.
         cross_attention_frequency: layer ``i`` cross-attends to the image when ``i % frequency == 0``.
         num_layers: keep only the first ``num_layers`` BERT layers (all by default).
@@ -184,14 +187,23 @@ class QFormer(Bridge):
         if cross_attention_frequency < 1:
             raise ConfigError(f"bridge.cross_attention_frequency must be >= 1, got {cross_attention_frequency}")
         path = resolve_name_or_path(bert, "bridge.bert")
-        try:
-            source, info = transformers.BertForMaskedLM.from_pretrained(
-                path, output_loading_info=True, **dtype_kwarg("float32")
-            )
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"bridge.bert: cannot load {bert!r}: {first}") from None
-        c = source.config
+        blip2 = blip2_config(path)
+        self.blip2_path = path if blip2 is not None else None
+        self.vision_norm_eps = 1e-5  # LAVIS's ln_vision; a BLIP-2 directory says its own
+        if blip2 is not None:
+            source, info, c = None, {}, _bert_config_from_blip2(blip2, num_queries, cross_attention_frequency)
+            self.vision_norm_eps = float(blip2.vision_config.layer_norm_eps)
+            if text_input:
+                raise ConfigError("bridge.text_input: a BLIP-2 directory's Q-Former has no text path; use a BERT")
+        else:
+            try:
+                source, info = transformers.BertForMaskedLM.from_pretrained(
+                    path, output_loading_info=True, **dtype_kwarg("float32")
+                )
+            except (OSError, ValueError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ConfigError(f"bridge.bert: cannot load {bert!r}: {first}") from None
+            c = source.config
         if num_layers is not None and not 1 <= num_layers <= c.num_hidden_layers:
             raise ConfigError(f"bridge.num_layers must be in 1..{c.num_hidden_layers} for {bert}, got {num_layers}")
         c.num_hidden_layers = num_layers or c.num_hidden_layers
@@ -226,7 +238,8 @@ class QFormer(Bridge):
         self.language_projection: nn.Module | None = None
         self._built = False
         self.apply(self._init_weights)
-        self._copy_from_bert(source, missing=set(info["missing_keys"]), name=bert)
+        if source is not None:
+            self._copy_from_bert(source, missing=set(info["missing_keys"]), name=bert)
 
     @property
     def hidden_size(self) -> int:
@@ -276,9 +289,11 @@ class QFormer(Bridge):
             self.layers[i].crossattention = _Attention(self.config, vision_dim)
             self.layers[i].crossattention.apply(self._init_weights)
         log.info("Q-Former: fresh cross-attention from width %d in layers %s", vision_dim, cross)
-        self.ln_vision = nn.LayerNorm(vision_dim) if self.vision_norm else nn.Identity()
+        self.ln_vision = nn.LayerNorm(vision_dim, eps=self.vision_norm_eps) if self.vision_norm else nn.Identity()
         self.language_projection = None if llm_dim is None else nn.Linear(self.hidden_size, llm_dim)
         self._built = True
+        if self.blip2_path is not None:
+            load_blip2_qformer(self, self.blip2_path)
         if self.init_from is not None:
             load_stage1_qformer(self, self.init_from)
         if self.frozen:
@@ -298,11 +313,14 @@ class QFormer(Bridge):
         return self
 
     # --- encoding -------------------------------------------------------------------------------------------------
-    def tokenize(self, texts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
-        """``(input_ids, attention_mask)``, each ``[B, max_length]`` (padded to the full length, as LAVIS does)."""
+    def tokenize(self, texts: list[str], max_length: int, pad_to_max: bool = True) -> tuple[Tensor, Tensor]:
+        """``(input_ids, attention_mask)``, each ``[B, T]``: truncated to ``max_length`` tokens and padded to
+        ``T = max_length`` (as LAVIS does; equal shapes on every rank) or, with ``pad_to_max=False``, to the
+        longest text only (the same results for less compute)."""
         if self.tokenizer is None:
             raise ConfigError("bridge.text_input must be true to encode text with the Q-Former")
-        out = self.tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        padding = "max_length" if pad_to_max else "longest"
+        out = self.tokenizer(texts, padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
         return out["input_ids"].to(self.query_tokens.device), out["attention_mask"].to(self.query_tokens.device)
 
     def encode(
@@ -354,12 +372,18 @@ class QFormer(Bridge):
         """Queries and text under the bidirectional mask (ITM): ``[B, Q + T, H]``."""
         return self.encode(tokens, mask, input_ids, attention_mask, attn="bidirectional")
 
-    def itg_logits(self, tokens: Tensor, mask: Tensor | None, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Next-token logits ``[B, T, V]`` under the multimodal causal mask, with [DEC] in place of [CLS]."""
+    def itg_logits(
+        self, tokens: Tensor, mask: Tensor | None, input_ids: Tensor, attention_mask: Tensor, keep: Tensor | None = None
+    ) -> Tensor:
+        """Next-token logits ``[B, T, V]`` under the multimodal causal mask, with [DEC] in place of [CLS]; with a
+        boolean ``keep [B, T]``, only the kept positions' logits ``[K, V]`` (the vocabulary projection dominates
+        the cost, so positions that predict padding are left out)."""
         assert self.tokenizer is not None
         dec = input_ids.clone()
         dec[:, 0] = self.tokenizer.bos_token_id
         hidden = self.encode(tokens, mask, dec, attention_mask, attn="causal")[:, self.num_queries :]  # [B, T, H]
+        if keep is not None:
+            hidden = hidden[keep]  # [B, T, H] -> [K, H]
         return self.cls(hidden, self.embeddings["word_embeddings"].weight)
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> BridgeOutput:
@@ -380,6 +404,45 @@ def _bert_key(ours: str) -> str | None:
     if ours.startswith("cls.predictions."):
         return ours
     return None
+
+
+def _bert_config_from_blip2(
+    blip2: transformers.PretrainedConfig, queries: int, frequency: int
+) -> transformers.BertConfig:
+    """The BERT-style config of a BLIP-2 model's Q-Former; the query count and cross-attention frequency must agree."""
+    q = blip2.qformer_config
+    if queries != blip2.num_query_tokens:
+        raise ConfigError(f"bridge.num_queries is {queries}, but the BLIP-2 model has {blip2.num_query_tokens}")
+    if frequency != q.cross_attention_frequency:
+        raise ConfigError(
+            f"bridge.cross_attention_frequency is {frequency}, but the BLIP-2 model uses {q.cross_attention_frequency}"
+        )
+    fields = (
+        "vocab_size hidden_size num_hidden_layers num_attention_heads intermediate_size hidden_act hidden_dropout_prob "
+        "attention_probs_dropout_prob max_position_embeddings initializer_range layer_norm_eps pad_token_id"
+    ).split()
+    return transformers.BertConfig(**{name: getattr(q, name) for name in fields})
+
+
+def load_blip2_qformer(qformer: QFormer, path: str) -> None:
+    """Load a Hugging Face BLIP-2 checkpoint's Q-Former, queries, projection and ``ln_vision`` into a built
+    ``qformer`` (reading those tensors only); shapes that differ name the side that disagrees."""
+    ours = qformer.state_dict()
+    mapping = {k: k for k in ours if k.startswith(("qformer.", "query_tokens", "language_projection."))}
+    if qformer.vision_norm:  # LAVIS's ln_vision is Hugging Face's vision_model.post_layernorm
+        mapping.update({f"ln_vision.{n}": f"vision_model.post_layernorm.{n}" for n in ("weight", "bias")})
+    theirs = read_weights(path, ("qformer.", "query_tokens", "language_projection.", "vision_model.post_layernorm."))
+    missing = [v for v in mapping.values() if v not in theirs]
+    if missing:
+        raise ConfigError(f"bridge.bert: {path} lacks {len(missing)} Q-Former weights, e.g. {missing[:3]}")
+    for k, v in mapping.items():
+        if theirs[v].shape != ours[k].shape:
+            raise ConfigError(
+                f"bridge.bert: {v} is {tuple(theirs[v].shape)} in {path}, {tuple(ours[k].shape)} here "
+                "(check the encoder's width and the LLM's hidden size)"
+            )
+    qformer.load_state_dict({k: theirs[v] for k, v in mapping.items()}, strict=False)
+    log.info("Q-Former: %d tensors loaded from BLIP-2 %s", len(mapping), path)
 
 
 def _summary(keys: list[str], limit: int = 8) -> str:

@@ -8,7 +8,6 @@ blocks as BLIP-2 does with EVA ViT-g. By default it is frozen and kept in eval m
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from vlgen.errors import ConfigError
-from vlgen.interfaces import VisualEncoder, count_parameters, freeze
-
-log = logging.getLogger(__name__)
+from vlgen.interfaces import VisualEncoder, set_frozen
+from vlgen.loading import DType, torch_dtype
 
 
 class TimmEncoder(VisualEncoder):
@@ -37,6 +35,10 @@ class TimmEncoder(VisualEncoder):
         transform: overrides of the data config timm resolves for the model (``crop_pct``, ``mean``, ``std`` ...).
         train_augment: use timm's training augmentation (random resized crop and horizontal flip, which breaks
             captions that say "left of") for training batches instead of the evaluation transform.
+        dtype: weights' dtype; ``float16`` / ``bfloat16`` halve the memory of a large frozen encoder (BLIP-2 keeps
+            its ViT-g in fp16). Pixels are cast to it; tokens come out in it.
+        init_seed: draw the random initial weights from this seed, whatever the global RNG state, so that separate
+            runs (e.g. BLIP-2 stage 1 and stage 2) share one frozen random encoder. Ignored for pretrained weights.
     """
 
     def __init__(
@@ -50,6 +52,8 @@ class TimmEncoder(VisualEncoder):
         model_kwargs: dict[str, Any] | None = None,
         transform: dict[str, Any] | None = None,
         train_augment: bool = False,
+        dtype: DType = "float32",
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         kwargs: dict[str, Any] = dict(model_kwargs or {})
@@ -59,7 +63,10 @@ class TimmEncoder(VisualEncoder):
             kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
             pretrained = True
         try:
-            self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+            with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
+                if init_seed is not None:
+                    torch.manual_seed(init_seed)
+                self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
         except RuntimeError as err:
             if "Unknown model" in str(err):
                 raise ConfigError(f"encoder.name: timm has no model called {name!r}") from None
@@ -69,13 +76,12 @@ class TimmEncoder(VisualEncoder):
             self.model.blocks = nn.Sequential(*list(blocks)[: len(blocks) - drop_last_blocks])
         if not final_norm and hasattr(self.model, "norm"):
             self.model.norm = nn.Identity()
+        self.dtype = torch_dtype(dtype)
+        self.model.to(self.dtype)
         self.frozen = frozen
         self.transform_overrides = dict(transform or {})
         self.train_augment = train_augment
-        if frozen:
-            freeze(self.model)
-        trainable, fixed = count_parameters(self.model)
-        log.info("encoder %s: %s trainable, %s frozen parameters", name, f"{trainable:,}", f"{fixed:,}")
+        set_frozen(self.model, frozen, f"encoder {name}")
 
     @property
     def embed_dim(self) -> int:
@@ -96,7 +102,7 @@ class TimmEncoder(VisualEncoder):
 
     def forward(self, pixels: Tensor) -> Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            tokens = self.model.forward_features(pixels)  # [B, N, D] for ViTs, [B, D, h, w] for CNNs
+            tokens = self.model.forward_features(pixels.to(self.dtype))  # [B, N, D] for ViTs, [B, D, h, w] for CNNs
         if tokens.ndim == 4:
             tokens = tokens.flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D]
         return tokens

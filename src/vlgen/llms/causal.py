@@ -7,17 +7,16 @@ every sequence ends at the last position (position ids then follow the attention
 
 from __future__ import annotations
 
-import logging
+import inspect
 
 import torch
 import torch.nn.functional as F
 import transformers
 from torch import Tensor
 
-from vlgen.interfaces import LanguageModel, all_real, count_parameters, freeze
-from vlgen.llms.loading import Decoding, DType, ModelRecipe, load_pretrained, torch_dtype
-
-log = logging.getLogger(__name__)
+from vlgen.interfaces import LanguageModel, all_real, set_frozen
+from vlgen.llms.decoding import Decoding
+from vlgen.loading import DType, ModelRecipe, load_pretrained, torch_dtype
 
 
 class CausalLM(LanguageModel):
@@ -55,10 +54,10 @@ class CausalLM(LanguageModel):
         self.max_target_tokens = max_target_tokens
         self.dtype = torch_dtype(dtype)
         self.frozen = frozen
-        if frozen:
-            freeze(self.model)
-        trainable, fixed = count_parameters(self.model)
-        log.info("llm %s: %s trainable, %s frozen parameters", name_or_path, f"{trainable:,}", f"{fixed:,}")
+        # HF causal LMs can project only the last positions to the vocabulary (the name changed in 4.50).
+        params = inspect.signature(self.model.forward).parameters
+        self._keep_arg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
+        set_frozen(self.model, frozen, f"llm {name_or_path}")
 
     @property
     def hidden_size(self) -> int:
@@ -88,9 +87,10 @@ class CausalLM(LanguageModel):
     # --- training -----------------------------------------------------------------------------------------------
     def loss(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str], targets: list[str]) -> Tensor:
         num_prompts = prompts.shape[1]
-        rows, labels = [], []
+        rows, labels, prefix_rows = [], [], []
         for prefix, target in zip(prefixes, targets, strict=True):
             p, t = self._prefix_ids(prefix), self._target_ids(prefix, target)
+            prefix_rows.append(p)
             rows.append(p + t)
             labels.append([-100] * len(p) + t)
         length = max(len(r) for r in rows)
@@ -101,10 +101,14 @@ class CausalLM(LanguageModel):
         label_t = torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels], device=device)
         embeds = torch.cat([prompts.to(self.dtype), self._embed(ids)], dim=1)  # [B, M + L, D]
         mask = torch.cat([all_real(prompt_mask, prompts).to(text_mask.dtype), text_mask], dim=1)
-        logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits[:, num_prompts:]  # [B, L, V]
-        # token t is predicted from position t-1
+        # Token t is predicted from position t - 1, so no position before the shortest prefix's last token predicts
+        # a target: the vocabulary projection (a large share of a small LM's compute) skips the prompts and prefix.
+        keep = min(length - min(len(p) for p in prefix_rows) + 1, num_prompts + length)  # last `keep` positions
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, **{self._keep_arg: keep} if self._keep_arg else {})
+        logits = out.logits[:, -keep:]  # [B, keep, V]
+        targets = label_t[:, length - keep + 1 :]  # [B, keep - 1]: what each kept position but the last predicts
         return F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), label_t[:, 1:].reshape(-1), ignore_index=-100
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
         )
 
     # --- generation ---------------------------------------------------------------------------------------------

@@ -10,17 +10,14 @@ and the rest becomes the target (BLIP-2's stage-2 objective for encoder-decoder 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 import transformers
 from torch import Tensor
 
-from vlgen.interfaces import LanguageModel, all_real, count_parameters, freeze
-from vlgen.llms.loading import Decoding, DType, ModelRecipe, load_pretrained, torch_dtype
-
-log = logging.getLogger(__name__)
+from vlgen.interfaces import LanguageModel, all_real, set_frozen
+from vlgen.llms.decoding import Decoding
+from vlgen.loading import DType, ModelRecipe, load_pretrained, torch_dtype
 
 
 class Seq2SeqLM(LanguageModel):
@@ -70,10 +67,7 @@ class Seq2SeqLM(LanguageModel):
         self.frozen = frozen
         # Whether the owner is in train mode (a fresh module is): a frozen LM's own `training` flag stays False.
         self._fitting = True
-        if frozen:
-            freeze(self.model)
-        trainable, fixed = count_parameters(self.model)
-        log.info("llm %s: %s trainable, %s frozen parameters", name_or_path, f"{trainable:,}", f"{fixed:,}")
+        set_frozen(self.model, frozen, f"llm {name_or_path}")
 
     @property
     def hidden_size(self) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vlgen.data.synthetic.shapes import ShapesWorld
-from vlgen.llms.loading import ModelRecipe
+from vlgen.loading import ModelRecipe
 
 log = logging.getLogger(__name__)
 

