@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from cli_helpers import REPO, WORLD, run_dirs, vlgen
 
 from vlgen.metrics import CaptionMetrics
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny" / "linear.yaml"
-WORLD = {"seed": 0, "num_train": 150, "num_val": 16, "num_test": 24, "num_text": 3000}
-
-
-def vlgen(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "vlgen.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"vlgen {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +45,6 @@ def workdir(tmp_path_factory) -> Path:
 
 def config_args(work: Path) -> list[str]:
     return ["--config", str(TINY), "--config", str(work / "override.yaml")]
-
-
-def run_dirs(work: Path) -> list[Path]:
-    return sorted((work / "runs" / "vlgen").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
 
 
 @pytest.mark.slow

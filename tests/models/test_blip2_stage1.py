@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import lightning.pytorch as pl
 import pytest
@@ -19,6 +20,7 @@ from vlgen.models.base import Optim
 from vlgen.models.blip2_losses import (
     itc_loss,
     itg_loss,
+    itg_targets,
     itm_labels,
     positive_mask,
     retrieval_recall,
@@ -115,7 +117,7 @@ def test_itm_pairs_positives_then_hard_negatives(model):
     model.qformer.joint = spy
     b = batch()
     model.compute_losses(b["pixels"], b["captions"], b["ids"])
-    ids, _ = model.qformer.tokenize(b["captions"], 12)
+    ids, _ = model.qformer.tokenize(b["captions"], 12, pad_to_max=False)  # one process: padded to the longest
     tokens, texts = seen["tokens"], seen["input_ids"]
     assert tokens.shape[0] == texts.shape[0] == 12
     torch.testing.assert_close(tokens[:4], b["pixels"])
@@ -165,16 +167,34 @@ def test_itc_loss_targets_follow_the_rank_offset():
     assert itc_loss(sim, sim, offset=0, label_smoothing=0.0) > 10
 
 
-def test_itg_loss_ignores_padding_and_the_first_token():
-    logits = torch.randn(2, 4, 10)
+def test_itg_targets_skip_padding_and_the_first_token():
     ids = torch.tensor([[1, 2, 3, 0], [1, 4, 0, 0]])
     att = (ids > 0).long()
-    changed = logits.clone()
-    changed[0, 3] = 100.0  # predicts past the end
-    changed[1, 2:] = 100.0  # predicts padding
-    torch.testing.assert_close(itg_loss(logits, ids, att), itg_loss(changed, ids, att))
+    keep, labels = itg_targets(ids, att)
+    assert keep.tolist() == [[True, True, False, False], [True, False, False, False]]
+    assert labels.tolist() == [2, 3, 4]  # what positions (0, 0), (0, 1), (1, 0) predict
+    logits = torch.randn(2, 4, 10)
     manual = torch.nn.functional.cross_entropy(logits[[0, 0, 1], [0, 1, 0]], torch.tensor([2, 3, 4]))
-    torch.testing.assert_close(itg_loss(logits, ids, att, label_smoothing=0.0), manual)
+    torch.testing.assert_close(itg_loss(logits[keep], labels, label_smoothing=0.0), manual)
+    full = logits[:, :-1].reshape(-1, 10)  # the unpacked form: every position, padding ignored
+    ignored = ids.masked_fill(att == 0, -100)[:, 1:].reshape(-1)
+    expected = torch.nn.functional.cross_entropy(full, ignored, ignore_index=-100, label_smoothing=0.1)
+    torch.testing.assert_close(itg_loss(logits[keep], labels), expected)
+
+
+def test_padding_to_the_longest_caption_changes_no_loss(model):
+    b = batch(4)
+    tokens = model.encoder(b["pixels"])
+    assert model.qformer.tokenize(b["captions"], 12, pad_to_max=False)[0].shape[1] < 12  # the paddings differ
+    state = torch.random.get_rng_state()
+    short = model.compute_losses(tokens, b["captions"], b["ids"])  # one process pads to the longest caption
+    torch.random.set_rng_state(state)  # the same hard negatives
+    tokenize = model.qformer.tokenize
+    with mock.patch.object(model.qformer, "tokenize", lambda t, n, pad_to_max=True: tokenize(t, n, pad_to_max=True)):
+        full = model.compute_losses(tokens, b["captions"], b["ids"])  # as under DDP: padded to max_text_len
+    assert set(short) == set(full) == {"itc", "itm", "itg"}
+    for key in short:
+        torch.testing.assert_close(short[key], full[key], rtol=1e-4, atol=1e-5)
 
 
 def test_retrieval_recall_counts_any_reference():

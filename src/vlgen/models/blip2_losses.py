@@ -107,12 +107,20 @@ def itm_labels(num_pos: int, num_neg: int, device: torch.device | None = None) -
     return torch.cat([torch.ones(num_pos, dtype=torch.long), torch.zeros(num_neg, dtype=torch.long)]).to(device)
 
 
-def itg_loss(logits: Tensor, input_ids: Tensor, attention_mask: Tensor, label_smoothing: float = 0.1) -> Tensor:
-    """Next-token cross-entropy of ``logits [B, T, V]`` on ``input_ids [B, T]``, padding ignored (LAVIS: 0.1
-    label smoothing). Position ``t`` predicts token ``t + 1``; the first token ([DEC]) is never a target."""
-    labels = input_ids.masked_fill(attention_mask == 0, -100)[:, 1:]  # [B, T - 1]
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1])  # [B, T - 1, V] -> [B * (T - 1), V]
-    return F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, label_smoothing=label_smoothing)
+def itg_targets(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(keep [B, T], labels [K])`` for captioning: position ``t`` predicts token ``t + 1`` and is kept when that
+    token is real text, so the first token ([DEC]) is never a target and nothing predicts padding. ``logits[keep]``
+    and ``labels`` line up (both in row-major order)."""
+    real = attention_mask[:, 1:].bool()  # [B, T - 1]: token t + 1 is text
+    keep = torch.zeros_like(attention_mask, dtype=torch.bool)
+    keep[:, :-1] = real
+    return keep, input_ids[:, 1:][real]
+
+
+def itg_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.1) -> Tensor:
+    """Cross-entropy of the kept positions' ``logits [K, V]`` on ``labels [K]`` (see :func:`itg_targets`; LAVIS
+    smooths by 0.1)."""
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from vlgen.models.blip2_losses import (
     itc_loss,
     itc_similarities,
     itg_loss,
+    itg_targets,
     itm_labels,
     positive_mask,
     retrieval_recall,
@@ -98,7 +99,7 @@ class Blip2Stage1(VLModule):
 
     def text_embeddings(self, texts: list[str]) -> Tensor:
         """Normalised contrastive text embeddings ``[B, embed_dim]``."""
-        return self._text_feat(*self.qformer.tokenize(texts, self.max_text_len))
+        return self._text_feat(*self.qformer.tokenize(texts, self.max_text_len, pad_to_max=False))
 
     forward = image_embeddings
 
@@ -114,7 +115,8 @@ class Blip2Stage1(VLModule):
         """Unweighted ``itc``, ``itm`` (absent when no negative exists, e.g. a batch of one) and ``itg`` losses for
         visual tokens ``[B, N, Dv]`` and their captions; ``ids`` mark captions of one image as mutual positives."""
         batch = tokens.shape[0]
-        input_ids, att = self.qformer.tokenize(captions, self.max_text_len)  # [B, T] each
+        # Equal text shapes on every rank for the ITM gathers; a single process pads to the longest caption only.
+        input_ids, att = self.qformer.tokenize(captions, self.max_text_len, pad_to_max=world_size() > 1)  # [B, T]
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         image_feats, text_feat = self._image_feats(tokens), self._text_feat(input_ids, att)
@@ -126,8 +128,8 @@ class Blip2Stage1(VLModule):
         itm = self._itm_loss(tokens, input_ids, att, sim_i2t.detach(), sim_t2i.detach(), offset, ids)
         if itm is not None:
             losses["itm"] = itm
-        logits = self.qformer.itg_logits(tokens, None, input_ids, att)  # [B, T, V]
-        losses["itg"] = itg_loss(logits, input_ids, att)
+        keep, labels = itg_targets(input_ids, att)  # [B, T], [K]
+        losses["itg"] = itg_loss(self.qformer.itg_logits(tokens, None, input_ids, att, keep), labels)  # [K, V]
         return losses
 
     def _itm_loss(

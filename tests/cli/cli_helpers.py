@@ -1,0 +1,27 @@
+"""Running the `vlgen` command in a subprocess, as a user does, for the end-to-end tests of this folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+WORLD = {"seed": 0, "num_train": 150, "num_val": 16, "num_test": 24, "num_text": 3000}  # a small shapes world
+
+
+def vlgen(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``vlgen ARGS`` in ``cwd``; with ``check``, a non-zero exit fails the test with the end of stderr."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlgen.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vlgen {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_dirs(work: Path) -> list[Path]:
+    """The CSV logger's run directories under ``work/runs/vlgen``, oldest first."""
+    return sorted((work / "runs" / "vlgen").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
