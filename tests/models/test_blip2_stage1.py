@@ -297,3 +297,18 @@ def test_two_ranks_gather_contrastive_negatives_with_gradients(tiny_bert_dir, tm
 
 def _loader(batches: list[dict]) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(batches, batch_size=None)
+
+
+def test_mean_text_pooling_ignores_padding(tiny_bert_dir):
+    torch.manual_seed(0)
+    model = make(tiny_bert_dir, text_pooling="mean")
+    ids, att = model.qformer.tokenize(["a red circle", "a small blue square left of a circle"], 12)
+    both = model._text_feat(ids, att)
+    alone = model._text_feat(*model.qformer.tokenize(["a red circle"], 12, pad_to_max=False))
+    torch.testing.assert_close(both[:1], alone, rtol=1e-4, atol=1e-5)  # padding to 12 tokens changes nothing
+    hidden = model.qformer.text_features(ids, att)
+    n = int(att[0].sum())
+    expected = torch.nn.functional.normalize(model.text_proj(hidden[0, :n].mean(0)), dim=-1)
+    torch.testing.assert_close(both[0], expected, rtol=1e-4, atol=1e-5)
+    model.text_pooling = "cls"
+    torch.testing.assert_close(model._text_feat(ids, att), torch.nn.functional.normalize(model.text_proj(hidden[:, 0])))

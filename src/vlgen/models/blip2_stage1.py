@@ -13,7 +13,7 @@ checkpoint with ``QFormer(init_from=...)``: only the ``qformer.`` weights carry 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,9 @@ class Blip2Stage1(VLModule):
         itm_weight: weight of the matching loss.
         itg_weight: weight of the captioning loss.
         temperature: initial contrastive temperature (learned, kept within [0.001, 0.5]).
+        text_pooling: the text's contrastive feature: its ``cls`` output (BLIP-2, for BERT initialisations) or the
+            ``mean`` of its token outputs (for sentence encoders trained with mean pooling, such as MiniLM, whose
+            [CLS] output barely differs between sentences, so ITC starts from collapsed text features).
         optim: optimiser and schedule.
     """
 
@@ -65,6 +68,7 @@ class Blip2Stage1(VLModule):
         itm_weight: float = 1.0,
         itg_weight: float = 1.0,
         temperature: float = 0.07,
+        text_pooling: Literal["cls", "mean"] = "cls",
         optim: Optim | None = None,
     ) -> None:
         super().__init__(optim)
@@ -84,6 +88,7 @@ class Blip2Stage1(VLModule):
         self.itm_head = nn.Linear(hidden, 2)
         self.temp = nn.Parameter(torch.tensor(float(temperature)))
         self.max_text_len = max_text_len
+        self.text_pooling = text_pooling
         self.weights = {"itc": itc_weight, "itm": itm_weight, "itg": itg_weight}
         self._val: list[dict[str, Any]] = []
         self.log_parameter_counts()
@@ -107,8 +112,13 @@ class Blip2Stage1(VLModule):
         return F.normalize(self.vision_proj(self.qformer.query_features(tokens)), dim=-1)  # [B, Q, E]
 
     def _text_feat(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        cls = self.qformer.text_features(input_ids, attention_mask)[:, 0]  # [B, T, H] -> [B, H]
-        return F.normalize(self.text_proj(cls), dim=-1)  # [B, E]
+        hidden = self.qformer.text_features(input_ids, attention_mask)  # [B, T, H]
+        if self.text_pooling == "cls":
+            pooled = hidden[:, 0]  # [B, H]
+        else:
+            real = attention_mask[..., None].to(hidden.dtype)  # [B, T, 1]
+            pooled = (hidden * real).sum(1) / real.sum(1)  # [B, T, H] -> [B, H]
+        return F.normalize(self.text_proj(pooled), dim=-1)  # [B, E]
 
     # --- training -------------------------------------------------------------------------------------------------
     def compute_losses(self, tokens: Tensor, captions: list[str], ids: list[str] | None = None) -> dict[str, Tensor]:
