@@ -39,8 +39,11 @@ def test_experiment_config_parses(path, capsys):
 @pytest.mark.parametrize("path", DATA, ids=lambda p: p.name)
 def test_data_module_composes_with_a_model_config(path, capsys):
     resolved = print_config(capsys, BASE, path)
-    expected = yaml.safe_load(path.read_text())["data"]["init_args"]["root"]
-    assert resolved["data"]["init_args"]["root"] == expected
+    data = yaml.safe_load(path.read_text())["data"]
+    assert resolved["data"]["class_path"] == data["class_path"]
+    for key, value in data["init_args"].items():  # the data file's values win over the model config's
+        if not isinstance(value, dict):
+            assert resolved["data"]["init_args"][key] == value, key
 
 
 def test_overrides_swap_a_component(capsys):

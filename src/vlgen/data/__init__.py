@@ -1,4 +1,4 @@
-"""LightningDataModules that feed raw images (or frames) and strings, the pieces they share, and synthetic worlds."""
+"""LightningDataModules feeding raw images (or frames) and strings, or text alone; shared pieces; synthetic worlds."""
 
 from vlgen.data.common import (
     BadFiles,
@@ -12,6 +12,7 @@ from vlgen.data.common import (
 )
 from vlgen.data.image_text import ImageTextDataModule
 from vlgen.data.synthetic import ShapesWorld
+from vlgen.data.text import TextCorpusDataModule
 
 __all__ = [
     "BadFiles",
@@ -21,6 +22,7 @@ __all__ = [
     "CaptionSample",
     "ImageTextDataModule",
     "ShapesWorld",
+    "TextCorpusDataModule",
     "drop_bad",
     "make_loader",
     "read_records",
