@@ -455,8 +455,9 @@ def _summary(keys: list[str], limit: int = 8) -> str:
 def load_stage1_qformer(qformer: QFormer, ckpt_path: str) -> None:
     """Load the ``qformer.`` weights of a BLIP-2 stage-1 Lightning checkpoint into a built ``qformer``.
 
-    Every Q-Former weight but the projection to the LLM must be in the checkpoint; checkpoint weights this Q-Former
-    does not have (the text path when ``text_input`` is false) are skipped.
+    Every Q-Former weight but the projection to the LLM must be in the checkpoint; the projection is loaded too when
+    the checkpoint has one of the same shape (a stage 1 with P-Former alignment trains it). Checkpoint weights this
+    Q-Former does not have (the text path when ``text_input`` is false) are skipped.
     """
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -472,6 +473,9 @@ def load_stage1_qformer(qformer: QFormer, ckpt_path: str) -> None:
     if bad:
         k = bad[0]
         raise ConfigError(f"bridge.init_from: {k} is {tuple(theirs[k].shape)} there, {tuple(ours[k].shape)} here")
+    projection = [k for k in ours if k.startswith("language_projection.")]
+    if projection and all(k in theirs and theirs[k].shape == ours[k].shape for k in projection):
+        needed += projection  # trained in stage 1 by P-Former alignment (to the same LLM width): it carries over
     qformer.load_state_dict({k: theirs[k] for k in needed}, strict=False)
     skipped = sorted(set(theirs) - set(needed))
     log.info("Q-Former: %d tensors loaded from %s; skipped: %s", len(needed), ckpt_path, _summary(skipped))

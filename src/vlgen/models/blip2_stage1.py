@@ -8,6 +8,11 @@ hard negative image per text sampled from the ITC similarities. Image-grounded t
 decoded from [DEC] under the multimodal causal mask. Validation reports retrieval recall from the ITC similarities.
 Stage 2 (:class:`~vlgen.models.Captioner` with a :class:`~vlgen.bridges.QFormer` bridge) starts from this module's
 checkpoint with ``QFormer(init_from=...)``: only the ``qformer.`` weights carry over.
+
+P-Former alignment (``alignment``, arXiv 2307.07063) adds ``weight * MSE`` between the query outputs, projected to
+the LLM width, and a frozen P-Former's prompts of the caption. As in the reference (BLIText's stage-1 model), that
+projection is created here with the width of the P-Former's stage-0 checkpoint (no LLM is loaded), is trained by the
+alignment loss alone, and is saved in the checkpoint as ``qformer.language_projection.*``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from vlgen.bridges.qformer import QFormer
 from vlgen.dist import gather_objects, rank, world_size
 from vlgen.errors import ConfigError
 from vlgen.interfaces import CaptionBatch, VisualEncoder
+from vlgen.models.alignment import PromptAlignment
 from vlgen.models.base import Optim, VLModule
 from vlgen.models.blip2_losses import (
     gather_no_grad,
@@ -56,6 +62,7 @@ class Blip2Stage1(VLModule):
             ``mean`` of its token outputs (for sentence encoders trained with mean pooling, such as MiniLM, whose
             [CLS] output barely differs between sentences, so ITC starts from collapsed text features).
         optim: optimiser and schedule.
+        alignment: P-Former prompt alignment of the query outputs projected to the LLM width (logged as ``align``).
     """
 
     def __init__(
@@ -70,6 +77,7 @@ class Blip2Stage1(VLModule):
         temperature: float = 0.07,
         text_pooling: Literal["cls", "mean"] = "cls",
         optim: Optim | None = None,
+        alignment: PromptAlignment | None = None,
     ) -> None:
         super().__init__(optim)
         if qformer.tokenizer is None:
@@ -81,7 +89,10 @@ class Blip2Stage1(VLModule):
             )
         self.encoder = encoder
         self.qformer = qformer
-        qformer.build(encoder.embed_dim, None)  # no LLM in stage 1: no projection to create
+        # No LLM in stage 1: a projection to the LLM width only for the alignment (the width of its checkpoint).
+        llm_dim = None if alignment is None else alignment.build(qformer.num_queries)
+        qformer.build(encoder.embed_dim, llm_dim)
+        self.alignment = alignment
         hidden = qformer.hidden_size
         self.vision_proj = nn.Linear(hidden, embed_dim)
         self.text_proj = nn.Linear(hidden, embed_dim)
@@ -89,7 +100,7 @@ class Blip2Stage1(VLModule):
         self.temp = nn.Parameter(torch.tensor(float(temperature)))
         self.max_text_len = max_text_len
         self.text_pooling = text_pooling
-        self.weights = {"itc": itc_weight, "itm": itm_weight, "itg": itg_weight}
+        self.weights = {"itc": itc_weight, "itm": itm_weight, "itg": itg_weight, "align": 1.0}  # align: own weight
         self._val: list[dict[str, Any]] = []
         self.log_parameter_counts()
 
@@ -100,7 +111,7 @@ class Blip2Stage1(VLModule):
     # --- embeddings -----------------------------------------------------------------------------------------------
     def image_embeddings(self, pixels: Tensor) -> Tensor:
         """Normalised contrastive query embeddings ``[B, Q, embed_dim]``."""
-        return self._image_feats(self.encoder(pixels))
+        return self._image_feats(self.qformer.query_features(self.encoder(pixels)))
 
     def text_embeddings(self, texts: list[str]) -> Tensor:
         """Normalised contrastive text embeddings ``[B, embed_dim]``."""
@@ -108,8 +119,8 @@ class Blip2Stage1(VLModule):
 
     forward = image_embeddings
 
-    def _image_feats(self, tokens: Tensor) -> Tensor:
-        return F.normalize(self.vision_proj(self.qformer.query_features(tokens)), dim=-1)  # [B, Q, E]
+    def _image_feats(self, queries: Tensor) -> Tensor:
+        return F.normalize(self.vision_proj(queries), dim=-1)  # [B, Q, H] -> [B, Q, E]
 
     def _text_feat(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.qformer.text_features(input_ids, attention_mask)  # [B, T, H]
@@ -123,18 +134,23 @@ class Blip2Stage1(VLModule):
     # --- training -------------------------------------------------------------------------------------------------
     def compute_losses(self, tokens: Tensor, captions: list[str], ids: list[str] | None = None) -> dict[str, Tensor]:
         """Unweighted ``itc``, ``itm`` (absent when no negative exists, e.g. a batch of one) and ``itg`` losses for
-        visual tokens ``[B, N, Dv]`` and their captions; ``ids`` mark captions of one image as mutual positives."""
+        visual tokens ``[B, N, Dv]`` and their captions, plus the (self-weighted) ``align`` loss with an alignment;
+        ``ids`` mark captions of one image as mutual positives."""
         batch = tokens.shape[0]
         # Equal text shapes on every rank for the ITM gathers; a single process pads to the longest caption only.
         input_ids, att = self.qformer.tokenize(captions, self.max_text_len, pad_to_max=world_size() > 1)  # [B, T]
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-        image_feats, text_feat = self._image_feats(tokens), self._text_feat(input_ids, att)
+        queries = self.qformer.query_features(tokens)  # [B, Q, H]
+        image_feats, text_feat = self._image_feats(queries), self._text_feat(input_ids, att)
         offset = rank() * batch
         sim_i2t, sim_t2i = itc_similarities(  # [B, M] each
             image_feats, text_feat, gather_with_grad(image_feats), gather_with_grad(text_feat), self.temp
         )
         losses = {"itc": itc_loss(sim_i2t, sim_t2i, offset)}
+        if self.alignment is not None:
+            assert self.qformer.language_projection is not None
+            losses["align"] = self.alignment.loss(self.qformer.language_projection(queries), captions)
         itm = self._itm_loss(tokens, input_ids, att, sim_i2t.detach(), sim_t2i.detach(), offset, ids)
         if itm is not None:
             losses["itm"] = itm

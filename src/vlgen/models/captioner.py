@@ -1,7 +1,8 @@
 """The captioning LightningModule: encoder -> bridge -> frozen LLM.
 
 It knows the three interfaces, not their implementations, so a new bridge or encoder is a YAML change. Training
-minimises the LM loss on caption tokens plus whatever auxiliary losses the bridge returns (each logged). Validation
+minimises the LM loss on caption tokens plus whatever auxiliary losses the bridge returns (each logged), plus an
+optional P-Former prompt alignment (:class:`~vlgen.models.PromptAlignment`, logged as ``train/align``). Validation
 and test generate captions and score them with :class:`~vlgen.metrics.CaptionMetrics`; test also writes
 ``metrics.json`` and ``predictions.jsonl`` into the run's log directory; predict writes ``{"id", "caption"}`` lines.
 """
@@ -20,6 +21,7 @@ from torch import Tensor
 from vlgen.dist import gather_objects
 from vlgen.interfaces import Bridge, BridgeOutput, CaptionBatch, LanguageModel, VisualEncoder
 from vlgen.metrics import CaptionMetrics
+from vlgen.models.alignment import PromptAlignment, bridge_prompt_count
 from vlgen.models.base import Optim, VLModule
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ class Captioner(VLModule):
         prompt: text placed after the visual prompts, before the caption (BLIP-2 uses "a photo of").
         optim: optimiser and schedule.
         num_logged_samples: images kept from the first validation batch for caption tables (W&B).
+        alignment: pull the bridge's prompts towards a frozen P-Former's prompts of the caption (its prompt count
+            must equal the bridge's; checked here).
     """
 
     def __init__(
@@ -45,12 +49,16 @@ class Captioner(VLModule):
         prompt: str = "a photo of",
         optim: Optim | None = None,
         num_logged_samples: int = 8,
+        alignment: PromptAlignment | None = None,
     ) -> None:
         super().__init__(optim)
         self.encoder = encoder
         self.bridge = bridge
         self.llm = llm
         self.bridge.build(encoder.embed_dim, llm.hidden_size)
+        self.alignment = alignment
+        if alignment is not None:
+            alignment.build(bridge_prompt_count(encoder, bridge), llm.hidden_size)
         self.prompt = prompt
         self.num_logged_samples = num_logged_samples
         self.val_metrics = CaptionMetrics()
@@ -77,6 +85,8 @@ class Captioner(VLModule):
         if self.count_skipped(batch):
             return None
         out = self(batch["pixels"])
+        if self.alignment is not None:  # already weighted; summed and logged with the bridge's own losses
+            out.losses["align"] = self.alignment.loss(out.prompts, batch["captions"], out.mask)
         lm_loss = self.llm.loss(out.prompts, out.mask, [self.prompt] * len(batch["captions"]), batch["captions"])
         loss = lm_loss + sum(out.losses.values(), torch.zeros((), device=lm_loss.device))
         size = len(batch["captions"])

@@ -1,0 +1,90 @@
+"""P-Former through the `vlgen` command: tiny stage 0, then the tiny captioner aligned to its checkpoint."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from cli_helpers import REPO, WORLD, run_dirs, vlgen
+
+STAGE0 = REPO / "configs" / "tiny" / "pformer_stage0.yaml"
+ALIGN = REPO / "configs" / "tiny" / "pformer_align.yaml"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_bert_dir) -> Path:
+    """Overrides for both runs: a small world, a tiny BERT for the P-Former, a quickly pre-trained tiny LM."""
+    work = tmp_path_factory.mktemp("pformer")
+    world = {"class_path": "vlgen.data.synthetic.ShapesWorld", "init_args": WORLD}
+    llm = {
+        "name_or_path": str(work / "lm"),
+        "build_if_missing": {
+            "class_path": "vlgen.data.synthetic.tiny_lm.ShapesTinyLM",
+            "init_args": {"world": world, "world_root": str(work / "shapes"), "steps": 20},
+        },
+    }
+    pformer = {"init_args": {"bert": str(tiny_bert_dir)}}  # 2 layers, as num_layers keeps
+    trainer = {"max_steps": 4, "limit_val_batches": 1, "log_every_n_steps": 2}
+    stage0 = {
+        "trainer": {**trainer, "val_check_interval": 4},
+        "model": {"init_args": {"pformer": pformer, "llm": {"init_args": llm}}},
+        "data": {
+            "init_args": {
+                "train_files": [str(work / "shapes" / "corpus.txt")],
+                "val_files": [str(work / "shapes" / "val.json")],
+                "generate": world,
+                "batch_size": 8,
+                "eval_batch_size": 8,
+                "num_workers": 0,
+            }
+        },
+    }
+    align = {
+        "trainer": {**trainer, "val_check_interval": 4},
+        "model": {"init_args": {"llm": {"init_args": llm}, "alignment": {"init_args": {"pformer": pformer}}}},
+        "data": {"init_args": {"root": str(work / "shapes"), "generate": world, "batch_size": 8, "num_workers": 0}},
+    }
+    for name, override in (("stage0", stage0), ("align", align)):
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(override))
+    return work
+
+
+def logged_columns(run: Path) -> set[str]:
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {k for row in rows for k, v in row.items() if v not in ("", None)}
+
+
+@pytest.mark.slow
+def test_stage0_then_aligned_captioner(workdir):
+    vlgen("fit", "--config", str(STAGE0), "--config", str(workdir / "stage0.yaml"), cwd=workdir)
+    ckpt = workdir / "runs" / "tiny-pformer-stage0" / "last.ckpt"  # where configs/tiny/pformer_align.yaml looks
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert state["pformer.expand.weight"].shape[0] == 17 * 32  # 17 prompts of the tiny BERT's width
+    assert not any(k.startswith("llm.") for k in state)
+    stage0 = logged_columns(run_dirs(workdir)[-1])
+    assert {"train/lm", "train/contrastive", "train/vq", "val/exact_match", "val/lm"} <= stage0
+
+    vlgen("fit", "--config", str(ALIGN), "--config", str(workdir / "align.yaml"), cwd=workdir)
+    run = run_dirs(workdir)[-1]
+    assert {"train/align", "train/lm_loss", "val/CIDEr"} <= logged_columns(run)
+    aligned = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert "bridge.proj.1.weight" in aligned and not any(k.startswith("alignment.") for k in aligned)
+
+
+@pytest.mark.slow
+def test_align_with_another_prompt_count_stops_with_one_line(workdir):
+    # 64 px images in 8 px patches: 64 patches + [CLS] = 65 prompts from the projector; checked before any
+    # checkpoint is read.
+    vit = {"img_size": 64, "patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3}
+    encoder = {"model": {"init_args": {"encoder": {"init_args": {"model_kwargs": vit}}}}}
+    (workdir / "patch8.yaml").write_text(yaml.safe_dump(encoder))
+    configs = [str(ALIGN), str(workdir / "align.yaml"), str(workdir / "patch8.yaml")]
+    proc = vlgen("fit", *[a for c in configs for a in ("--config", c)], cwd=workdir, check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vlgen: error: model.alignment")
+    assert "bridge gives 65 prompts but the P-Former gives 17" in last

@@ -1,0 +1,138 @@
+"""P-Former alignment: the loss by hand, a frozen teacher outside the checkpoint, the prompt-count check, and the
+Captioner (projector and Q-Former bridges) and BLIP-2 stage 1 training with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from vlgen.bridges import LinearProjector, PFormer, QFormer
+from vlgen.encoders import TimmEncoder
+from vlgen.errors import ConfigError
+from vlgen.llms import CausalLM, Decoding
+from vlgen.models import Blip2Stage1, Captioner, PFormerStage0, PromptAlignment
+
+VIT = {"img_size": 32, "patch_size": 16, "depth": 1, "embed_dim": 32, "num_heads": 2}  # 4 patches + [CLS]: 5 tokens
+CAPTIONS = ["a red circle", "a blue square above a circle"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llm_dir) -> CausalLM:
+    return CausalLM(str(tiny_llm_dir), decoding=Decoding(max_new_tokens=4))
+
+
+def stage0_checkpoint(path: Path, bert_dir: Path, llm: CausalLM, num_prompts: int) -> str:
+    """A stage-0 run's lean checkpoint, written the way Lightning saves it."""
+    torch.manual_seed(0)
+    stage0 = PFormerStage0(PFormer(str(bert_dir), num_prompts=num_prompts), llm)
+    ckpt = {"state_dict": stage0.state_dict()}
+    stage0.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt5(tmp_path_factory, tiny_bert_dir, llm) -> str:
+    return stage0_checkpoint(tmp_path_factory.mktemp("s0") / "p5.ckpt", tiny_bert_dir, llm, 5)
+
+
+@pytest.fixture(scope="module")
+def ckpt4(tmp_path_factory, tiny_bert_dir, llm) -> str:
+    return stage0_checkpoint(tmp_path_factory.mktemp("s0") / "p4.ckpt", tiny_bert_dir, llm, 4)
+
+
+def alignment(bert_dir: Path, ckpt: str, num_prompts: int, weight: float = 100.0) -> PromptAlignment:
+    return PromptAlignment(PFormer(str(bert_dir), num_prompts=num_prompts, init_from=ckpt), weight=weight)
+
+
+def capture(model) -> dict[str, Tensor]:
+    logged: dict[str, Tensor] = {}
+    model.log = lambda name, value, **k: logged.__setitem__(name, value)
+    return logged
+
+
+def test_loss_is_weight_times_mse_and_the_teacher_is_frozen(tiny_bert_dir, ckpt4):
+    align = alignment(tiny_bert_dir, ckpt4, 4, weight=3.0)
+    assert align.build(4, 64) == 64
+    align.train()
+    assert not any(p.requires_grad for p in align.parameters()) and not align.pformer.bert.training
+    prompts = torch.randn(2, 4, 64, requires_grad=True)
+    teacher = align.pformer(CAPTIONS).detach()
+    loss = align.loss(prompts, CAPTIONS)
+    torch.testing.assert_close(loss, 3.0 * ((prompts.detach() - teacher) ** 2).mean())
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    by_hand = ((prompts.detach() - teacher) ** 2)[mask.bool()].mean()
+    torch.testing.assert_close(align.loss(prompts, CAPTIONS, mask), 3.0 * by_hand)
+    loss.backward()
+    assert prompts.grad is not None and all(p.grad is None for p in align.parameters())
+
+
+def test_prompt_count_mismatch_is_one_line_naming_both(tiny_bert_dir, ckpt4):
+    with pytest.raises(ConfigError, match=r"^model.alignment: the bridge gives 5 prompts but the P-Former gives 4"):
+        alignment(tiny_bert_dir, ckpt4, 4).build(5, 64)
+
+
+def test_captioner_with_a_projector_trains_with_alignment(tiny_bert_dir, ckpt5, llm):
+    torch.manual_seed(0)
+    encoder = TimmEncoder("vit_tiny_patch16_224", model_kwargs=VIT)
+    model = Captioner(encoder, LinearProjector(), llm, alignment=alignment(tiny_bert_dir, ckpt5, 5))
+    logged = capture(model)
+    batch = {"pixels": torch.randn(2, 3, 32, 32), "captions": CAPTIONS, "references": [], "ids": [], "num_skipped": 0}
+    loss = model.training_step(batch, 0)
+    assert logged["train/align"] > 0
+    torch.testing.assert_close(loss, logged["train/lm_loss"] + logged["train/align"])
+    loss.backward()
+    assert all(p.grad is not None for p in model.bridge.parameters())
+    assert all(p.grad is None for p in model.alignment.parameters())
+    ckpt = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(ckpt)
+    assert not any(k.startswith("alignment.") for k in ckpt["state_dict"])  # rebuilt from init_from, not saved
+    model.on_load_checkpoint(ckpt)
+
+
+def test_captioner_refuses_a_projector_with_another_prompt_count(tiny_bert_dir, ckpt4, llm):
+    encoder = TimmEncoder("vit_tiny_patch16_224", model_kwargs=VIT)
+    with pytest.raises(ConfigError, match="bridge gives 5 prompts but the P-Former gives 4"):
+        Captioner(encoder, LinearProjector(), llm, alignment=alignment(tiny_bert_dir, ckpt4, 4))
+
+
+def test_captioner_with_a_qformer_trains_with_alignment(tiny_bert_dir, ckpt4, llm):
+    torch.manual_seed(0)
+    encoder = TimmEncoder("vit_tiny_patch16_224", model_kwargs=VIT)
+    bridge = QFormer(str(tiny_bert_dir), num_queries=4)
+    model = Captioner(encoder, bridge, llm, alignment=alignment(tiny_bert_dir, ckpt4, 4))
+    logged = capture(model)
+    batch = {"pixels": torch.randn(2, 3, 32, 32), "captions": CAPTIONS, "references": [], "ids": [], "num_skipped": 0}
+    model.training_step(batch, 0).backward()
+    assert "train/align" in logged and bridge.query_tokens.grad is not None
+
+
+def test_blip2_stage1_aligns_through_a_projection_that_stage2_can_reuse(tiny_bert_dir, ckpt4, tmp_path):
+    torch.manual_seed(0)
+    encoder = TimmEncoder("vit_tiny_patch16_224", model_kwargs=VIT)
+    qformer = QFormer(str(tiny_bert_dir), num_queries=4, text_input=True)
+    model = Blip2Stage1(encoder, qformer, embed_dim=8, max_text_len=12, alignment=alignment(tiny_bert_dir, ckpt4, 4))
+    assert qformer.language_projection is not None and qformer.language_projection.out_features == 64  # stage 0's
+    logged = capture(model)
+    batch = {"pixels": torch.randn(2, 3, 32, 32), "captions": CAPTIONS, "references": [], "ids": ["0", "1"]}
+    loss = model.training_step({**batch, "num_skipped": 0}, 0)
+    assert logged["train/align"] > 0
+    others = sum(logged[f"train/{k}"] for k in ("itc", "itm", "itg", "align"))
+    torch.testing.assert_close(loss, others)
+    loss.backward()
+    assert qformer.language_projection.weight.grad is not None
+    ckpt = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(ckpt)
+    assert "qformer.language_projection.weight" in ckpt["state_dict"]
+    assert not any(k.startswith("alignment.") for k in ckpt["state_dict"])
+    path = tmp_path / "stage1.ckpt"
+    torch.save(ckpt, path)
+    stage2 = QFormer(str(tiny_bert_dir), num_queries=4, init_from=str(path))
+    stage2.build(encoder.embed_dim, 64)  # the same LLM width: stage 1's aligned projection carries over
+    torch.testing.assert_close(stage2.language_projection.weight, qformer.language_projection.weight)
+    other = QFormer(str(tiny_bert_dir), num_queries=4, init_from=str(path))
+    other.build(encoder.embed_dim, 48)  # another LLM width: a fresh projection
+    assert other.language_projection.weight.shape == (48, qformer.hidden_size)
