@@ -145,9 +145,12 @@ def run_side(side: str, path: Path, args: argparse.Namespace) -> dict[str, float
         opt.step()
 
     out = {"train_s": timed(train_step, args.steps, args.warmup, device)}
+    print(f"{side}: training step {out['train_s']:.2f} s", file=sys.stderr, flush=True)
     model.eval()
     out["greedy_s"] = timed(lambda: generate(1), args.gen_steps, 1, device)
+    print(f"{side}: greedy generation {out['greedy_s']:.2f} s", file=sys.stderr, flush=True)
     out["beam5_s"] = timed(lambda: generate(5), args.gen_steps, 1, device)
+    print(f"{side}: beam-5 generation {out['beam5_s']:.2f} s", file=sys.stderr, flush=True)
     out["peak_mb"] = peak_memory_mb(device)
     out["trainable"] = sum(p.numel() for p in trainable)
     return out
@@ -172,9 +175,9 @@ def main() -> None:
         results = {}
         for side in ("hf", "vlgen"):
             cmd = [sys.executable, __file__, "--side", side, "--dir", tmp, *sys.argv[1:]]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # progress goes to stderr
             if proc.returncode != 0:
-                sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
+                sys.exit(f"{side} failed (exit {proc.returncode})")
             results[side] = json.loads(proc.stdout.strip().splitlines()[-1])
     hf, ours = results["hf"], results["vlgen"]
     print(f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.new_tokens} new tokens")
