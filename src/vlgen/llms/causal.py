@@ -14,12 +14,13 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor
 
-from vlgen.interfaces import LanguageModel, all_real, set_frozen
+from vlgen.interfaces import all_real
 from vlgen.llms.decoding import Decoding
-from vlgen.loading import DType, ModelRecipe, load_pretrained, torch_dtype
+from vlgen.llms.hf import HFLanguageModel
+from vlgen.loading import DType, ModelRecipe
 
 
-class CausalLM(LanguageModel):
+class CausalLM(HFLanguageModel):
     """Any ``AutoModelForCausalLM`` (OPT, Llama, SmolLM, Qwen, GPT-2 ...) behind the vlgen interface.
 
     Args:
@@ -34,6 +35,8 @@ class CausalLM(LanguageModel):
             (e.g. the tiny LM the CPU configs pre-train on the synthetic world's text).
     """
 
+    auto_class = transformers.AutoModelForCausalLM
+
     def __init__(
         self,
         name_or_path: str,
@@ -44,28 +47,10 @@ class CausalLM(LanguageModel):
         max_target_tokens: int = 64,
         build_if_missing: ModelRecipe | None = None,
     ) -> None:
-        super().__init__()
-        self.model, self.tokenizer = load_pretrained(
-            transformers.AutoModelForCausalLM, name_or_path, gguf_file, dtype, "llm", build_if_missing
-        )
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.decoding = decoding or Decoding()
-        self.max_target_tokens = max_target_tokens
-        self.dtype = torch_dtype(dtype)
-        self.frozen = frozen
+        super().__init__(name_or_path, gguf_file, dtype, frozen, decoding, max_target_tokens, build_if_missing)
         # HF causal LMs can project only the last positions to the vocabulary (the name changed in 4.50).
         params = inspect.signature(self.model.forward).parameters
         self._keep_arg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
-        set_frozen(self.model, frozen, f"llm {name_or_path}")
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.get_input_embeddings().embedding_dim)
-
-    def train(self, mode: bool = True) -> CausalLM:
-        super().train(mode and not self.frozen)
-        return self
 
     # --- tokenisation -------------------------------------------------------------------------------------------
     def _prefix_ids(self, prefix: str) -> list[int]:

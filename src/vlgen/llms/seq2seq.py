@@ -15,12 +15,13 @@ import torch.nn.functional as F
 import transformers
 from torch import Tensor
 
-from vlgen.interfaces import LanguageModel, all_real, set_frozen
+from vlgen.interfaces import all_real
 from vlgen.llms.decoding import Decoding
-from vlgen.loading import DType, ModelRecipe, load_pretrained, torch_dtype
+from vlgen.llms.hf import HFLanguageModel
+from vlgen.loading import DType, ModelRecipe
 
 
-class Seq2SeqLM(LanguageModel):
+class Seq2SeqLM(HFLanguageModel):
     """Any ``AutoModelForSeq2SeqLM`` (Flan-T5, T5, BART ...) behind the vlgen interface.
 
     Args:
@@ -39,6 +40,8 @@ class Seq2SeqLM(LanguageModel):
         build_if_missing: a recipe that writes the model to ``name_or_path`` when that path does not exist.
     """
 
+    auto_class = transformers.AutoModelForSeq2SeqLM
+
     def __init__(
         self,
         name_or_path: str,
@@ -52,30 +55,16 @@ class Seq2SeqLM(LanguageModel):
         prefix_lm_seed: int = 0,
         build_if_missing: ModelRecipe | None = None,
     ) -> None:
-        super().__init__()
-        self.model, self.tokenizer = load_pretrained(
-            transformers.AutoModelForSeq2SeqLM, name_or_path, gguf_file, dtype, "llm", build_if_missing
-        )
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.decoding = decoding or Decoding()
-        self.max_target_tokens = max_target_tokens
+        super().__init__(name_or_path, gguf_file, dtype, frozen, decoding, max_target_tokens, build_if_missing)
         self.max_prefix_tokens = max_prefix_tokens
         self.prefix_lm = prefix_lm
         self.generator = torch.Generator().manual_seed(prefix_lm_seed)
-        self.dtype = torch_dtype(dtype)
-        self.frozen = frozen
         # Whether the owner is in train mode (a fresh module is): a frozen LM's own `training` flag stays False.
         self._fitting = True
-        set_frozen(self.model, frozen, f"llm {name_or_path}")
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.model.get_input_embeddings().embedding_dim)
 
     def train(self, mode: bool = True) -> Seq2SeqLM:
         self._fitting = mode
-        super().train(mode and not self.frozen)
+        super().train(mode)
         return self
 
     # --- tokenisation -------------------------------------------------------------------------------------------
