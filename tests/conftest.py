@@ -19,14 +19,20 @@ WORDS = (
 ).split()
 
 
-def build_word_tokenizer(out: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def build_word_tokenizer(out: Path, close_with_eos: bool = False):
+    """A word-level tokenizer over ``WORDS`` saved to ``out``; with ``close_with_eos`` every text ends with ``</s>``
+    as T5's tokenizer does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<s>", "</s>"]
     vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if close_with_eos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+        )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
@@ -85,26 +91,6 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     return out
 
 
-def build_t5_word_tokenizer(out: Path):
-    """The word-level tokenizer above, closing every text with ``</s>`` as T5's tokenizer does."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    eos = ("</s>", vocab["</s>"])
-    backend.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[eos]
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    tok.save_pretrained(out)
-    return tok
-
-
 @pytest.fixture(scope="session")
 def tiny_t5_dir(tmp_path_factory) -> Path:
     """A 2+2-layer random T5 (Flan-T5 style: gated-GELU, untied head) with a word-level tokenizer."""
@@ -112,7 +98,7 @@ def tiny_t5_dir(tmp_path_factory) -> Path:
     from transformers import T5Config, T5ForConditionalGeneration
 
     out = tmp_path_factory.mktemp("tiny-t5")
-    tok = build_t5_word_tokenizer(out)
+    tok = build_word_tokenizer(out, close_with_eos=True)
     torch.manual_seed(0)
     config = T5Config(
         vocab_size=len(tok),
