@@ -136,3 +136,9 @@ def all_real(mask: Tensor | None, like: Tensor) -> Tensor:
     if mask is not None:
         return mask
     return torch.ones(like.shape[:2], dtype=torch.long, device=like.device)
+
+
+def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``hidden [B, T, H]`` over the positions where ``mask [B, T]`` is 1 -> ``[B, H]``."""
+    real = mask[..., None].to(hidden.dtype)  # [B, T, 1]
+    return (hidden * real).sum(1) / real.sum(1).clamp_min(1.0)

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -200,3 +201,11 @@ def _blip2_language_model(auto_class: Any, config: Any, path: str, dtype: DType,
         ) from None
     log.info("%s: loading the %s language model of BLIP-2 %s", option, config.text_config.model_type, path)
     return load_part(model_class, config.text_config, path, "language_model.", dtype, option)
+
+
+def read_checkpoint(path: str | Path, option: str) -> dict[str, Any]:
+    """A Lightning checkpoint read onto the CPU (tensors and plain data only), or a one-line error naming ``option``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"{option}: cannot read {path}: {str(err).splitlines()[0]}") from None

@@ -13,16 +13,14 @@ stage-0 checkpoint with ``init_from``. Parameter names: ``bert.*`` (the text enc
 from __future__ import annotations
 
 import logging
-import pickle
 from typing import Literal
 
-import torch
 import transformers
 from torch import Tensor, nn
 
 from vlgen.errors import ConfigError
-from vlgen.interfaces import set_frozen
-from vlgen.loading import dtype_kwarg, resolve_name_or_path
+from vlgen.interfaces import masked_mean, set_frozen
+from vlgen.loading import dtype_kwarg, read_checkpoint, resolve_name_or_path
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +127,7 @@ class PFormer(nn.Module):
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
         if self.pooling == "cls":
             return hidden[:, 0]
-        real = attention_mask[..., None].to(hidden.dtype)  # [B, T, 1]
-        return (hidden * real).sum(1) / real.sum(1).clamp_min(1.0)  # [B, T, H] -> [B, H]
+        return masked_mean(hidden, attention_mask)  # [B, T, H] -> [B, H]
 
     def to_prompts(self, features: Tensor) -> Tensor:
         """Sentence embeddings ``[B, H]`` -> prompts ``[B, P, Dllm]``."""
@@ -146,10 +143,7 @@ class PFormer(nn.Module):
 
 def read_stage0(ckpt_path: str) -> dict[str, Tensor]:
     """The ``pformer.`` weights of a stage-0 Lightning checkpoint, prefix removed."""
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-        raise ConfigError(f"pformer.init_from: cannot read {ckpt_path}: {str(err).splitlines()[0]}") from None
+    ckpt = read_checkpoint(ckpt_path, "pformer.init_from")
     state = {k[len("pformer.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("pformer.")}
     if not state:
         raise ConfigError(f"pformer.init_from: {ckpt_path} holds no pformer.* weights (not a P-Former stage-0 run)")

@@ -6,14 +6,12 @@ these while it is constructed and built.
 from __future__ import annotations
 
 import logging
-import pickle
 from typing import TYPE_CHECKING
 
-import torch
 import transformers
 
 from vlgen.errors import ConfigError
-from vlgen.loading import read_weights
+from vlgen.loading import read_checkpoint, read_weights
 
 if TYPE_CHECKING:
     from vlgen.bridges.qformer import QFormer
@@ -88,10 +86,7 @@ def load_stage1_qformer(qformer: QFormer, ckpt_path: str) -> None:
     the checkpoint has one of the same shape (a stage 1 with P-Former alignment trains it). Checkpoint weights this
     Q-Former does not have (the text path when ``text_input`` is false) are skipped.
     """
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-        raise ConfigError(f"bridge.init_from: cannot read {ckpt_path}: {str(err).splitlines()[0]}") from None
+    ckpt = read_checkpoint(ckpt_path, "bridge.init_from")
     theirs = {k[len("qformer.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("qformer.")}
     ours = qformer.state_dict()
     needed = [k for k in ours if not k.startswith("language_projection.")]

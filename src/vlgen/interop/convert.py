@@ -10,7 +10,6 @@ pointing at the BLIP-2 directory for the frozen vision tower and LLM; a data mod
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import yaml
 
 from vlgen.errors import ConfigError
 from vlgen.interop.hf_blip2 import export_hf_blip2, load_hf_blip2, model_spec
-from vlgen.loading import DType
+from vlgen.loading import DType, read_checkpoint
 from vlgen.models import Captioner
 
 log = logging.getLogger(__name__)
@@ -89,10 +88,7 @@ def build_model(configs: list[str]) -> Captioner:
 def to_hf_blip2(ckpt: str | Path, out_dir: str | Path, configs: list[str]) -> Path:
     """Rebuild the model of ``configs``, load checkpoint ``ckpt`` into it and export it to ``out_dir``."""
     model = build_model(configs)
-    try:
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-        raise ConfigError(f"convert: cannot read checkpoint {ckpt}: {str(err).splitlines()[0]}") from None
+    checkpoint = read_checkpoint(ckpt, "convert")
     try:
         model.on_load_checkpoint(checkpoint)  # every trainable weight must be there
     except KeyError as err:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from vlgen.bridges.qformer import QFormer
 from vlgen.dist import gather_objects, rank, world_size
 from vlgen.errors import ConfigError
-from vlgen.interfaces import CaptionBatch, VisualEncoder
+from vlgen.interfaces import CaptionBatch, VisualEncoder, masked_mean
 from vlgen.models.alignment import PromptAlignment
 from vlgen.models.base import Optim, VLModule
 from vlgen.models.blip2_losses import (
@@ -127,8 +127,7 @@ class Blip2Stage1(VLModule):
         if self.text_pooling == "cls":
             pooled = hidden[:, 0]  # [B, H]
         else:
-            real = attention_mask[..., None].to(hidden.dtype)  # [B, T, 1]
-            pooled = (hidden * real).sum(1) / real.sum(1)  # [B, T, H] -> [B, H]
+            pooled = masked_mean(hidden, attention_mask)  # [B, T, H] -> [B, H]
         return F.normalize(self.text_proj(pooled), dim=-1)  # [B, E]
 
     # --- training -------------------------------------------------------------------------------------------------
