@@ -105,3 +105,40 @@ def test_missing_local_path_is_one_line_naming_the_option(tmp_path):
 def test_unknown_package_is_named():
     with pytest.raises(ConfigError, match="not_a_real_pkg_xyz"):
         CausalLM("pkg:not_a_real_pkg_xyz")
+
+
+@pytest.fixture(scope="module")
+def sentence_llm(tiny_llm_dir):
+    return CausalLM(str(tiny_llm_dir), decoding=Decoding(max_new_tokens=6), prompt_layout="sentence")
+
+
+def test_sentence_layout_reads_prompts_as_a_first_sentence(sentence_llm):
+    """``[bos][prompts][eos][prefix][target][eos]``, the loss on the target and its eos only."""
+    llm, tok = sentence_llm, sentence_llm.tokenizer
+    assert tok("a photo of").input_ids[0] != tok.bos_token_id  # the fixture's tokenizer adds no BOS itself
+    torch.manual_seed(4)
+    prompts = torch.randn(2, 3, 64)
+    prefixes, targets = ["a photo of", ""], ["a red circle", "two blue squares above a green triangle"]
+    embed = llm.model.get_input_embeddings()
+    total, count = 0.0, 0
+    for i, (prefix, target) in enumerate(zip(prefixes, targets)):
+        head = [tok.eos_token_id, *tok(prefix, add_special_tokens=False).input_ids]
+        t = [*tok(f"{prefix} {target}".strip(), add_special_tokens=False).input_ids[len(head) - 1 :], tok.eos_token_id]
+        embeds = torch.cat(
+            [embed(torch.tensor([[tok.bos_token_id]])), prompts[i : i + 1], embed(torch.tensor([head + t]))], 1
+        )
+        logits = llm.model(inputs_embeds=embeds).logits[0]
+        start = 1 + 3 + len(head)  # first target position
+        total = total + torch.nn.functional.cross_entropy(logits[start - 1 : -1], torch.tensor(t), reduction="sum")
+        count += len(t)
+    assert torch.allclose(llm.loss(prompts, None, prefixes, targets), total / count, atol=1e-5)
+
+
+def test_sentence_layout_batched_generation_equals_one_by_one(sentence_llm):
+    torch.manual_seed(5)
+    prompts = torch.randn(3, 4, 64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    prefixes = ["a photo of", "question what colour is the circle short answer", ""]
+    batched = sentence_llm.generate(prompts, mask, prefixes)
+    single = [sentence_llm.generate(prompts[i : i + 1, : int(mask[i].sum())], None, [prefixes[i]])[0] for i in range(3)]
+    assert batched == single

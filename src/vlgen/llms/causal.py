@@ -1,6 +1,8 @@
 """A decoder-only Hugging Face LM (``AutoModelForCausalLM``) that reads soft prompts.
 
-Training input is ``[prompts][prefix tokens][target tokens][eos]`` padded on the right; the loss covers the target
+Training input is ``[prompts][prefix tokens][target tokens][eos]`` padded on the right (BLIP-2's layout with OPT:
+the prefix keeps its BOS), or with ``prompt_layout: sentence`` ``[bos][prompts][eos][prefix tokens][target
+tokens][eos]``, where the prompts stand where an earlier sentence of the document would; the loss covers the target
 tokens and the end-of-sequence token only. Generation input is the same without the target, padded on the left so
 every sequence ends at the last position (position ids then follow the attention mask, as ``generate`` expects).
 """
@@ -8,6 +10,7 @@ every sequence ends at the last position (position ids then follow the attention
 from __future__ import annotations
 
 import inspect
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,9 @@ class CausalLM(HFLanguageModel):
         max_target_tokens: targets longer than this are truncated in training.
         build_if_missing: a recipe that writes the model to ``name_or_path`` when that path does not exist
             (e.g. the tiny LM the CPU configs pre-train on the synthetic world's text).
+        prompt_layout: ``prepend`` puts the prompts before all text (BLIP-2 with OPT); ``sentence`` puts them
+            after the BOS token and closes them with an EOS token, like a first sentence, which LMs that never saw
+            text before their BOS token (e.g. the tiny world LM) read far better.
     """
 
     auto_class = transformers.AutoModelForCausalLM
@@ -46,16 +52,32 @@ class CausalLM(HFLanguageModel):
         decoding: Decoding | None = None,
         max_target_tokens: int = 64,
         build_if_missing: ModelRecipe | None = None,
+        prompt_layout: Literal["prepend", "sentence"] = "prepend",
     ) -> None:
         super().__init__(name_or_path, gguf_file, dtype, frozen, decoding, max_target_tokens, build_if_missing)
+        self.prompt_layout = prompt_layout
         # HF causal LMs can project only the last positions to the vocabulary (the name changed in 4.50).
         params = inspect.signature(self.model.forward).parameters
         self._keep_arg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
 
     # --- tokenisation -------------------------------------------------------------------------------------------
     def _prefix_ids(self, prefix: str) -> list[int]:
+        if self.prompt_layout == "sentence":  # the BOS went before the prompts; an EOS closes them
+            return [self.tokenizer.eos_token_id, *self.tokenizer(prefix, add_special_tokens=False).input_ids]
         # The tokenizer's own special tokens (a BOS for Llama/OPT, none for SmolLM/GPT-2) open the text.
         return self.tokenizer(prefix, add_special_tokens=True).input_ids if prefix else self._bos()
+
+    def _head(self, prompts: Tensor, prompt_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The prompts as the LM reads them, ``[B, H + M, D]``, and their mask: with a BOS first in ``sentence``."""
+        mask = all_real(prompt_mask, prompts).long()
+        prompts = prompts.to(self.dtype)
+        if self.prompt_layout == "prepend":
+            return prompts, mask
+        # The document's start: the declared BOS token, whether or not the tokenizer adds it on its own.
+        bos_id = self.tokenizer.bos_token_id
+        bos = torch.tensor([] if bos_id is None else [bos_id], dtype=torch.long, device=prompts.device)
+        start = self._embed(bos).expand(len(prompts), -1, -1)
+        return torch.cat([start, prompts], dim=1), torch.cat([mask.new_ones(len(prompts), len(bos)), mask], dim=1)
 
     def _bos(self) -> list[int]:
         ids = self.tokenizer("", add_special_tokens=True).input_ids
@@ -71,6 +93,7 @@ class CausalLM(HFLanguageModel):
 
     # --- training -----------------------------------------------------------------------------------------------
     def loss(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str], targets: list[str]) -> Tensor:
+        prompts, prompt_mask = self._head(prompts, prompt_mask)
         num_prompts = prompts.shape[1]
         rows, labels, prefix_rows = [], [], []
         for prefix, target in zip(prefixes, targets, strict=True):
@@ -84,8 +107,8 @@ class CausalLM(HFLanguageModel):
         ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=device)  # [B, L]
         text_mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], device=device)
         label_t = torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels], device=device)
-        embeds = torch.cat([prompts.to(self.dtype), self._embed(ids)], dim=1)  # [B, M + L, D]
-        mask = torch.cat([all_real(prompt_mask, prompts).to(text_mask.dtype), text_mask], dim=1)
+        embeds = torch.cat([prompts, self._embed(ids)], dim=1)  # [B, M + L, D]
+        mask = torch.cat([prompt_mask.to(text_mask.dtype), text_mask], dim=1)
         # Token t is predicted from position t - 1, so no position before the shortest prefix's last token predicts
         # a target: the vocabulary projection (a large share of a small LM's compute) skips the prompts and prefix.
         keep = min(length - min(len(p) for p in prefix_rows) + 1, num_prompts + length)  # last `keep` positions
@@ -99,16 +122,16 @@ class CausalLM(HFLanguageModel):
     # --- generation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str]) -> list[str]:
+        prompts, pmask = self._head(prompts, prompt_mask)
         batch, num_prompts, width = prompts.shape
         rows = [self._prefix_ids(p) for p in prefixes]
         length = num_prompts + max(len(r) for r in rows)
         device = prompts.device
         embeds = prompts.new_zeros(batch, length, width, dtype=self.dtype)  # left-padded [B, M + L, D]
         mask = torch.zeros(batch, length, dtype=torch.long, device=device)
-        pmask = all_real(prompt_mask, prompts)
         for i, row in enumerate(rows):
             start = length - num_prompts - len(row)
-            embeds[i, start : start + num_prompts] = prompts[i].to(self.dtype)
+            embeds[i, start : start + num_prompts] = prompts[i]
             mask[i, start : start + num_prompts] = pmask[i]
             if row:
                 embeds[i, start + num_prompts :] = self._embed(torch.tensor(row, device=device))
