@@ -41,6 +41,14 @@ class ModelRecipe(ABC):
         """Write a loadable model and tokenizer into ``out_dir``."""
 
 
+class EncoderRecipe(ABC):
+    """Trains a visual encoder's freshly initialised backbone and writes its weights when the file is missing."""
+
+    @abstractmethod
+    def build(self, encoder: Any, out_file: Path) -> None:
+        """Train ``encoder.model`` (a :class:`~vlgen.encoders.TimmEncoder`'s backbone) and save it to ``out_file``."""
+
+
 def torch_dtype(name: DType) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 

@@ -8,6 +8,7 @@ blocks as BLIP-2 does with EVA ViT-g. By default it is frozen and kept in eval m
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from torch import Tensor, nn
 
 from vlgen.errors import ConfigError
 from vlgen.interfaces import VisualEncoder, set_frozen
-from vlgen.loading import DType, torch_dtype
+from vlgen.loading import DType, EncoderRecipe, torch_dtype
+
+log = logging.getLogger(__name__)
 
 
 class TimmEncoder(VisualEncoder):
@@ -39,6 +42,8 @@ class TimmEncoder(VisualEncoder):
             its ViT-g in fp16). Pixels are cast to it; tokens come out in it.
         init_seed: draw the random initial weights from this seed, whatever the global RNG state, so that separate
             runs (e.g. BLIP-2 stage 1 and stage 2) share one frozen random encoder. Ignored for pretrained weights.
+        build_if_missing: a recipe that trains the freshly built model and writes ``checkpoint_path`` when that file
+            does not exist (e.g. the tiny encoder the CPU configs pre-train on the synthetic world's pictures).
     """
 
     def __init__(
@@ -54,14 +59,21 @@ class TimmEncoder(VisualEncoder):
         train_augment: bool = False,
         dtype: DType = "float32",
         init_seed: int | None = None,
+        build_if_missing: EncoderRecipe | None = None,
     ) -> None:
         super().__init__()
         kwargs: dict[str, Any] = dict(model_kwargs or {})
+        self.transform_overrides = dict(transform or {})
+        self.train_augment = train_augment
+        build = None
         if checkpoint_path is not None:
-            if not Path(checkpoint_path).is_file():
+            if Path(checkpoint_path).is_file():
+                kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
+                pretrained = True
+            elif build_if_missing is None:
                 raise ConfigError(f"encoder.checkpoint_path: {checkpoint_path} does not exist")
-            kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint_path)}
-            pretrained = True
+            else:
+                build = build_if_missing
         try:
             with torch.random.fork_rng(devices=[], enabled=init_seed is not None):
                 if init_seed is not None:
@@ -71,6 +83,10 @@ class TimmEncoder(VisualEncoder):
             if "Unknown model" in str(err):
                 raise ConfigError(f"encoder.name: timm has no model called {name!r}") from None
             raise
+        if build is not None and checkpoint_path is not None:  # train the random model, then read it back
+            log.info("encoder.checkpoint_path: %s is missing; building it with %r", checkpoint_path, build)
+            build.build(self, Path(checkpoint_path))
+            self.model.load_state_dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True))
         if drop_last_blocks:
             blocks = self.model.blocks
             self.model.blocks = nn.Sequential(*list(blocks)[: len(blocks) - drop_last_blocks])
@@ -79,8 +95,6 @@ class TimmEncoder(VisualEncoder):
         self.dtype = torch_dtype(dtype)
         self.model.to(self.dtype)
         self.frozen = frozen
-        self.transform_overrides = dict(transform or {})
-        self.train_augment = train_augment
         set_frozen(self.model, frozen, f"encoder {name}")
 
     @property

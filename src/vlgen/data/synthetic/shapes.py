@@ -49,7 +49,7 @@ PHRASES = {  # how captions say "a <rel> b"; the checker reads the marked word
 }
 RELATION_WORDS = {"left": "left", "right": "right", "above": "above", "below": "below", "under": "below"}
 SIZE_WORDS = {"small": "small", "little": "small", "large": "large", "big": "large"}
-SPLITS = {"train": 0, "val": 1, "test": 2, "text": 3}
+SPLITS = {"train": 0, "val": 1, "test": 2, "text": 3, "vision": 4}  # text / vision: the tiny LM / encoder
 MAX_CAPTIONS = 10
 _ARTICLE = re.compile(r"\ba (?=[aeiou])")  # "a orange square" -> "an orange square"
 
@@ -285,7 +285,10 @@ class ShapesWorld:
         }
 
     def scene(self, split: str, index: int) -> tuple[Scene, list[str]]:
-        """The scene and captions of image ``index`` of ``split`` (``"text"`` for the corpus), as written."""
+        """The scene and captions of image ``index`` of ``split`` (``"text"`` for the corpus), as written.
+
+        ``"vision"`` scenes are never written: the tiny encoder pre-trains on them.
+        """
         rng = np.random.default_rng([self.args["seed"], SPLITS[split], index])
         scene = sample_scene(rng)
         return scene, captions(scene, rng, self.args["captions_per_image"])
