@@ -18,13 +18,22 @@ TINY = REPO / "configs" / "tiny" / "linear.yaml"
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A run directory with an override config: a small world and a quickly pre-trained tiny LM under tmp."""
+    """A run directory with an override config: a small world and a quickly pre-trained tiny LM and encoder."""
     work = tmp_path_factory.mktemp("cli")
     world = {"class_path": "vlgen.data.synthetic.ShapesWorld", "init_args": WORLD}
     override = {
         "trainer": {"max_steps": 40, "limit_val_batches": 1, "log_every_n_steps": 5},
         "model": {
             "init_args": {
+                "encoder": {
+                    "init_args": {
+                        "checkpoint_path": str(work / "encoder.pth"),
+                        "build_if_missing": {
+                            "class_path": "vlgen.data.synthetic.tiny_encoder.ShapesTinyEncoder",
+                            "init_args": {"world": world, "num_images": 200, "steps": 50, "num_held_out": 0},
+                        },
+                    }
+                },
                 "llm": {
                     "init_args": {
                         "name_or_path": str(work / "lm"),
@@ -56,7 +65,7 @@ def test_fit_test_resume_predict(workdir):
     assert len(losses) >= 4 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2  # the loss falls
 
     ckpt_path = run / "checkpoints" / "last.ckpt"
-    assert ckpt_path.stat().st_size < 10 * 2**20  # trainable weights (ViT + bridge) + optimiser only
+    assert ckpt_path.stat().st_size < 10 * 2**20  # trainable weights (the bridge) + optimiser only
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 40
     assert not [k for k in ckpt["state_dict"] if k.startswith("llm.")]
