@@ -25,6 +25,7 @@ import transformers
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
+from vlgen.bridges.bert_layers import AddNorm, BertAttention, init_bert_module, intermediate
 from vlgen.bridges.qformer_weights import (
     bert_config_from_blip2,
     bert_key_of,
@@ -67,63 +68,17 @@ def attention_bias(num_queries: int, text_mask: Tensor | None, batch: int, attn:
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-class _MultiHeadAttention(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_width: int, dropout: float) -> None:
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(kv_width, hidden)
-        self.value = nn.Linear(kv_width, hidden)
-
-    def forward(self, x: Tensor, kv: Tensor, bias: Tensor | None) -> Tensor:
-        # [B, L, H] -> [B, heads, L, H / heads]
-        q, k, v = (
-            t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (self.query(x), self.key(kv), self.value(kv))
-        )
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
-        return out.transpose(1, 2).flatten(2)  # [B, heads, L, H / heads] -> [B, L, H]
-
-
-class _AddNorm(nn.Module):
-    """BERT's ``dense -> dropout -> LayerNorm(x + residual)`` (``BertSelfOutput`` / ``BertOutput``)."""
-
-    def __init__(self, width_in: int, hidden: int, eps: float, dropout: float) -> None:
-        super().__init__()
-        self.dense = nn.Linear(width_in, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
-
-
-class _Attention(nn.Module):
-    def __init__(self, c: transformers.BertConfig, kv_width: int) -> None:
-        super().__init__()
-        self.attention = _MultiHeadAttention(
-            c.hidden_size, c.num_attention_heads, kv_width, c.attention_probs_dropout_prob
-        )
-        self.output = _AddNorm(c.hidden_size, c.hidden_size, c.layer_norm_eps, c.hidden_dropout_prob)
-
-    def forward(self, x: Tensor, kv: Tensor, bias: Tensor | None) -> Tensor:
-        return self.output(self.attention(x, kv, bias), x)
-
-
-def _intermediate(c: transformers.BertConfig) -> nn.Sequential:
-    return nn.Sequential(OrderedDict(dense=nn.Linear(c.hidden_size, c.intermediate_size), act=ACT2FN[c.hidden_act]))
-
-
 class QFormerLayer(nn.Module):
     """Shared self-attention, cross-attention for the queries (when built), separate query/text feed-forwards."""
 
     def __init__(self, c: transformers.BertConfig, text_input: bool) -> None:
         super().__init__()
-        self.attention = _Attention(c, c.hidden_size)
-        self.crossattention: _Attention | None = None  # created by QFormer.build on cross-attention layers
+        self.attention = BertAttention(c, c.hidden_size)
+        self.crossattention: BertAttention | None = None  # created by QFormer.build on cross-attention layers
         ffn = (c.hidden_size, c.layer_norm_eps, c.hidden_dropout_prob)
         if text_input:
-            self.intermediate, self.output = _intermediate(c), _AddNorm(c.intermediate_size, *ffn)
-        self.intermediate_query, self.output_query = _intermediate(c), _AddNorm(c.intermediate_size, *ffn)
+            self.intermediate, self.output = intermediate(c), AddNorm(c.intermediate_size, *ffn)
+        self.intermediate_query, self.output_query = intermediate(c), AddNorm(c.intermediate_size, *ffn)
 
     def forward(self, x: Tensor, bias: Tensor | None, num_queries: int, vision: Tensor, vision_bias: Tensor) -> Tensor:
         x = self.attention(x, x, bias)
@@ -257,13 +212,7 @@ class QFormer(Bridge):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        init_bert_module(module, std)
         if module is self:
             nn.init.normal_(self.query_tokens, std=std)
 
@@ -292,7 +241,7 @@ class QFormer(Bridge):
         """
         cross = [i for i in range(len(self.layers)) if i % self.frequency == 0]
         for i in cross:
-            self.layers[i].crossattention = _Attention(self.config, vision_dim)
+            self.layers[i].crossattention = BertAttention(self.config, vision_dim)
             self.layers[i].crossattention.apply(self._init_weights)
         log.info("Q-Former: fresh cross-attention from width %d in layers %s", vision_dim, cross)
         self.ln_vision = nn.LayerNorm(vision_dim, eps=self.vision_norm_eps) if self.vision_norm else nn.Identity()
