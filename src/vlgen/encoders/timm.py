@@ -44,6 +44,9 @@ class TimmEncoder(VisualEncoder):
             runs (e.g. BLIP-2 stage 1 and stage 2) share one frozen random encoder. Ignored for pretrained weights.
         build_if_missing: a recipe that trains the freshly built model and writes ``checkpoint_path`` when that file
             does not exist (e.g. the tiny encoder the CPU configs pre-train on the synthetic world's pictures).
+        feature_stage: take the tokens from this stage of ``model.feature_info`` (timm's ``forward_intermediates``
+            index) instead of the final features: e.g. a CNN's stride-16 map, with four times the tokens of its
+            stride-32 one. A ViT's prefix tokens are then left out.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class TimmEncoder(VisualEncoder):
         dtype: DType = "float32",
         init_seed: int | None = None,
         build_if_missing: EncoderRecipe | None = None,
+        feature_stage: int | None = None,
     ) -> None:
         super().__init__()
         kwargs: dict[str, Any] = dict(model_kwargs or {})
@@ -95,10 +99,17 @@ class TimmEncoder(VisualEncoder):
         self.dtype = torch_dtype(dtype)
         self.model.to(self.dtype)
         self.frozen = frozen
+        self.feature_stage = feature_stage
+        if feature_stage is not None:
+            stages = len(self.model.feature_info)
+            if not 0 <= feature_stage < stages:
+                raise ConfigError(f"encoder.feature_stage must be in 0..{stages - 1} for {name}, got {feature_stage}")
         set_frozen(self.model, frozen, f"encoder {name}")
 
     @property
     def embed_dim(self) -> int:
+        if self.feature_stage is not None:
+            return int(self.model.feature_info[self.feature_stage]["num_chs"])
         return int(self.model.num_features)
 
     def image_transform(self, train: bool) -> Callable[[Any], Tensor]:
@@ -116,7 +127,11 @@ class TimmEncoder(VisualEncoder):
 
     def forward(self, pixels: Tensor) -> Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            tokens = self.model.forward_features(pixels.to(self.dtype))  # [B, N, D] for ViTs, [B, D, h, w] for CNNs
+            if self.feature_stage is None:
+                tokens = self.model.forward_features(pixels.to(self.dtype))  # [B, N, D] ViTs, [B, D, h, w] CNNs
+            else:  # [B, D, h, w] for CNNs and ViTs alike (a ViT's prefix tokens left out)
+                kwargs = {"indices": [self.feature_stage], "intermediates_only": True}
+                tokens = self.model.forward_intermediates(pixels.to(self.dtype), **kwargs)[0]
         if tokens.ndim == 4:
             tokens = tokens.flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D]
         return tokens

@@ -87,7 +87,7 @@ class ShapesTinyEncoder(EncoderRecipe):
         transform = encoder.image_transform(train=False)
         pixels, targets = self._scenes(transform, 0, self.num_images)  # [N, 3, H, W], [N, K]
         backbone = encoder.model
-        head = nn.Linear(encoder.embed_dim, len(KINDS))
+        head = nn.Linear(backbone.num_features, len(KINDS))  # on the final features, whatever stage is read
 
         def logits(x: Tensor) -> Tensor:
             feats = backbone.forward_features(x)
