@@ -2,9 +2,9 @@
 
     python bench/blip2_two_stage.py [--stage1-steps 300] [--stage2-steps 300] [--seeds 0] [--workdir runs/bench-blip2]
 
-Runs the tiny BLIP-2 configs through the ``vlgen`` command on the synthetic shapes world (frozen random ViT,
-Q-Former from all-MiniLM-L6-v2, frozen tiny world LM): (a) ``configs/tiny/blip2_stage1.yaml`` then
-``configs/tiny/blip2_stage2.yaml`` from its checkpoint; (b) the same stage 2 with ``init_from: null`` (the Q-Former
+Runs the tiny BLIP-2 configs through the ``vlgen`` command on the synthetic shapes world (frozen tiny encoder
+and tiny world LM pre-trained on the world, Q-Former from all-MiniLM-L6-v2): (a) ``configs/tiny/blip2_stage1.yaml``
+then ``configs/tiny/blip2_stage2.yaml`` from its checkpoint; (b) the same stage 2 with ``init_from: null`` (the Q-Former
 starts from MiniLM). Both are tested on the world's test split; prints CIDEr-D and BLEU-4 (x100, as papers print
 them), the stage-1 retrieval recall, and the wall time of each run.
 """
@@ -12,37 +12,15 @@ them), the stage-1 retrieval recall, and the wall time of each run.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import yaml
+from cli_runs import REPO, TINY, last_logged, latest_run, vlgen, workdir
 
-REPO = Path(__file__).resolve().parents[1]
-STAGE1 = REPO / "configs" / "tiny" / "blip2_stage1.yaml"
-STAGE2 = REPO / "configs" / "tiny" / "blip2_stage2.yaml"
-
-
-def vlgen(args: list[str], cwd: Path) -> float:
-    """Run ``vlgen ARGS``; return its wall time. Fails loudly with the end of stderr."""
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "vlgen.cli", *args], cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"vlgen {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
-
-
-def latest_run(cwd: Path) -> Path:
-    return max((cwd / "runs" / "vlgen").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-
-
-def last_logged(run: Path, key: str) -> float | None:
-    values = [row[key] for row in csv.DictReader(open(run / "metrics.csv")) if row.get(key)]
-    return float(values[-1]) if values else None
+STAGE1 = TINY / "blip2_stage1.yaml"
+STAGE2 = TINY / "blip2_stage2.yaml"
 
 
 def stage2_and_test(cwd: Path, seed: int, steps: int, init_from: str | None) -> dict[str, float]:
@@ -78,12 +56,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-blip2")
     args = parser.parse_args()
-    work = args.workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "data").mkdir(exist_ok=True)
-    for name in ("shapes-tiny", "shapes-tiny-lm"):  # reuse the world and LM the tiny configs already built
-        if (REPO / "data" / name).exists() and not (work / "data" / name).exists():
-            (work / "data" / name).symlink_to(REPO / "data" / name)
+    work = workdir(args.workdir)
     results: dict[str, list[dict[str, float]]] = {"stage 1 + stage 2": [], "stage 2 alone": []}
     for seed in args.seeds:
         common = ["--seed_everything", str(seed), "--trainer.enable_progress_bar", "false"]

@@ -25,3 +25,21 @@ def vlgen(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProc
 def run_dirs(work: Path) -> list[Path]:
     """The CSV logger's run directories under ``work/runs/vlgen``, oldest first."""
     return sorted((work / "runs" / "vlgen").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
+def tiny_encoder(work: Path, world: dict) -> dict:
+    """Encoder ``init_args`` overrides: the tiny configs' encoder, quickly pre-trained into ``work``."""
+    recipe = {"world": world, "num_images": 200, "steps": 50, "num_held_out": 0}
+    return {
+        "checkpoint_path": str(work / "encoder.pth"),
+        "build_if_missing": {"class_path": "vlgen.data.synthetic.tiny_encoder.ShapesTinyEncoder", "init_args": recipe},
+    }
+
+
+def tiny_lm(work: Path, world: dict, steps: int) -> dict:
+    """LLM ``init_args`` overrides: the tiny world LM, pre-trained for ``steps`` steps into ``work/lm``."""
+    recipe = {"world": world, "world_root": str(work / "shapes"), "steps": steps}
+    return {
+        "name_or_path": str(work / "lm"),
+        "build_if_missing": {"class_path": "vlgen.data.synthetic.tiny_lm.ShapesTinyLM", "init_args": recipe},
+    }

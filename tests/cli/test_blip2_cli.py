@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_helpers import REPO, WORLD, run_dirs, vlgen
+from cli_helpers import REPO, WORLD, run_dirs, tiny_encoder, tiny_lm, vlgen
 
 STAGE1 = REPO / "configs" / "tiny" / "blip2_stage1.yaml"
 STAGE2 = REPO / "configs" / "tiny" / "blip2_stage2.yaml"
@@ -16,25 +16,26 @@ STAGE2 = REPO / "configs" / "tiny" / "blip2_stage2.yaml"
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_bert_dir) -> Path:
-    """Overrides for both stages: a small world, a tiny BERT for the Q-Former, a quickly pre-trained tiny LM."""
+    """Overrides for both stages: a small world, a tiny BERT for the Q-Former, quick tiny LM and encoder."""
     work = tmp_path_factory.mktemp("blip2")
     world = {"class_path": "vlgen.data.synthetic.ShapesWorld", "init_args": WORLD}
     data = {"init_args": {"root": str(work / "shapes"), "generate": world, "batch_size": 8, "num_workers": 0}}
+    encoder = {"init_args": tiny_encoder(work, world)}
     trainer = {"max_steps": 6, "limit_val_batches": 1, "log_every_n_steps": 2}
     stage1 = {
         "trainer": {**trainer, "val_check_interval": 3},
-        "model": {"init_args": {"qformer": {"init_args": {"bert": str(tiny_bert_dir)}}}},
+        "model": {"init_args": {"qformer": {"init_args": {"bert": str(tiny_bert_dir)}}, "encoder": encoder}},
     }
-    llm = {
-        "name_or_path": str(work / "lm"),
-        "build_if_missing": {
-            "class_path": "vlgen.data.synthetic.tiny_lm.ShapesTinyLM",
-            "init_args": {"world": world, "world_root": str(work / "shapes"), "steps": 20},
-        },
-    }
+    llm = tiny_lm(work, world, steps=20)
     stage2 = {
         "trainer": trainer,
-        "model": {"init_args": {"bridge": {"init_args": {"bert": str(tiny_bert_dir)}}, "llm": {"init_args": llm}}},
+        "model": {
+            "init_args": {
+                "bridge": {"init_args": {"bert": str(tiny_bert_dir)}},
+                "llm": {"init_args": llm},
+                "encoder": encoder,
+            }
+        },
     }
     for name, override in (("stage1", stage1), ("stage2", stage2)):
         (work / f"{name}.yaml").write_text(yaml.safe_dump({**override, "data": data}))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_helpers import REPO, WORLD, run_dirs, vlgen
+from cli_helpers import REPO, WORLD, run_dirs, tiny_encoder, tiny_lm, vlgen
 
 from vlgen.metrics import CaptionMetrics
 
@@ -25,24 +25,8 @@ def workdir(tmp_path_factory) -> Path:
         "trainer": {"max_steps": 40, "limit_val_batches": 1, "log_every_n_steps": 5},
         "model": {
             "init_args": {
-                "encoder": {
-                    "init_args": {
-                        "checkpoint_path": str(work / "encoder.pth"),
-                        "build_if_missing": {
-                            "class_path": "vlgen.data.synthetic.tiny_encoder.ShapesTinyEncoder",
-                            "init_args": {"world": world, "num_images": 200, "steps": 50, "num_held_out": 0},
-                        },
-                    }
-                },
-                "llm": {
-                    "init_args": {
-                        "name_or_path": str(work / "lm"),
-                        "build_if_missing": {
-                            "class_path": "vlgen.data.synthetic.tiny_lm.ShapesTinyLM",
-                            "init_args": {"world": world, "world_root": str(work / "shapes"), "steps": 150},
-                        },
-                    }
-                },
+                "encoder": {"init_args": tiny_encoder(work, world)},
+                "llm": {"init_args": tiny_lm(work, world, steps=150)},
                 "optim": {"warmup_steps": 5},
             }
         },

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_helpers import REPO, WORLD, run_dirs, vlgen
+from cli_helpers import REPO, WORLD, run_dirs, tiny_encoder, tiny_lm, vlgen
 
 STAGE0 = REPO / "configs" / "tiny" / "pformer_stage0.yaml"
 ALIGN = REPO / "configs" / "tiny" / "pformer_align.yaml"
@@ -16,16 +16,10 @@ ALIGN = REPO / "configs" / "tiny" / "pformer_align.yaml"
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_bert_dir) -> Path:
-    """Overrides for both runs: a small world, a tiny BERT for the P-Former, a quickly pre-trained tiny LM."""
+    """Overrides for both runs: a small world, a tiny BERT for the P-Former, quick tiny LM and encoder."""
     work = tmp_path_factory.mktemp("pformer")
     world = {"class_path": "vlgen.data.synthetic.ShapesWorld", "init_args": WORLD}
-    llm = {
-        "name_or_path": str(work / "lm"),
-        "build_if_missing": {
-            "class_path": "vlgen.data.synthetic.tiny_lm.ShapesTinyLM",
-            "init_args": {"world": world, "world_root": str(work / "shapes"), "steps": 20},
-        },
-    }
+    llm = tiny_lm(work, world, steps=20)
     pformer = {"init_args": {"bert": str(tiny_bert_dir)}}  # 2 layers, as num_layers keeps
     trainer = {"max_steps": 4, "limit_val_batches": 1, "log_every_n_steps": 2}
     stage0 = {
@@ -44,7 +38,13 @@ def workdir(tmp_path_factory, tiny_bert_dir) -> Path:
     }
     align = {
         "trainer": {**trainer, "val_check_interval": 4},
-        "model": {"init_args": {"llm": {"init_args": llm}, "alignment": {"init_args": {"pformer": pformer}}}},
+        "model": {
+            "init_args": {
+                "llm": {"init_args": llm},
+                "alignment": {"init_args": {"pformer": pformer}},
+                "encoder": {"init_args": tiny_encoder(work, world)},
+            }
+        },
         "data": {"init_args": {"root": str(work / "shapes"), "generate": world, "batch_size": 8, "num_workers": 0}},
     }
     for name, override in (("stage0", stage0), ("align", align)):
@@ -63,7 +63,7 @@ def test_stage0_then_aligned_captioner(workdir):
     vlgen("fit", "--config", str(STAGE0), "--config", str(workdir / "stage0.yaml"), cwd=workdir)
     ckpt = workdir / "runs" / "tiny-pformer-stage0" / "last.ckpt"  # where configs/tiny/pformer_align.yaml looks
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    assert state["pformer.expand.weight"].shape[0] == 17 * 32  # 17 prompts of the tiny BERT's width
+    assert state["pformer.expand.weight"].shape[0] == 4 * 32  # 4 prompts of the tiny BERT's width
     assert not any(k.startswith("llm.") for k in state)
     stage0 = logged_columns(run_dirs(workdir)[-1])
     assert {"train/lm", "train/contrastive", "train/vq", "val/exact_match", "val/lm"} <= stage0
@@ -77,14 +77,13 @@ def test_stage0_then_aligned_captioner(workdir):
 
 @pytest.mark.slow
 def test_align_with_another_prompt_count_stops_with_one_line(workdir):
-    # 64 px images in 8 px patches: 64 patches + [CLS] = 65 prompts from the projector; checked before any
-    # checkpoint is read.
-    vit = {"img_size": 64, "patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3}
-    encoder = {"model": {"init_args": {"encoder": {"init_args": {"model_kwargs": vit}}}}}
-    (workdir / "patch8.yaml").write_text(yaml.safe_dump(encoder))
-    configs = [str(ALIGN), str(workdir / "align.yaml"), str(workdir / "patch8.yaml")]
+    # 128 px images: a 4x4 map, 16 prompts from the projector; checked before any checkpoint is read.
+    transform = {"input_size": [3, 128, 128], "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3}
+    encoder = {"model": {"init_args": {"encoder": {"init_args": {"transform": transform}}}}}
+    (workdir / "big.yaml").write_text(yaml.safe_dump(encoder))
+    configs = [str(ALIGN), str(workdir / "align.yaml"), str(workdir / "big.yaml")]
     proc = vlgen("fit", *[a for c in configs for a in ("--config", c)], cwd=workdir, check=False)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("vlgen: error: model.alignment")
-    assert "bridge gives 65 prompts but the P-Former gives 17" in last
+    assert "bridge gives 16 prompts but the P-Former gives 4" in last
