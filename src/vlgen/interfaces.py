@@ -53,11 +53,13 @@ class BridgeOutput:
         prompts: ``[B, M, Dllm]`` soft prompts, prepended to the language model's input.
         mask: ``[B, M]`` with 1 for real prompts (``None`` means all real).
         losses: named scalar losses the bridge adds to the training objective (already weighted).
+        pooled: ``[B, H]`` one feature per sample for losses against the caption (see :meth:`Bridge.text_losses`).
     """
 
     prompts: Tensor
     mask: Tensor | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
+    pooled: Tensor | None = None
 
 
 class VisualEncoder(nn.Module, ABC):
@@ -90,6 +92,10 @@ class Bridge(nn.Module, ABC):
     @abstractmethod
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> BridgeOutput:
         """``tokens [B, N, Dv]`` (``mask [B, N]``) -> :class:`BridgeOutput` with ``prompts [B, M, Dllm]``."""
+
+    def text_losses(self, out: BridgeOutput, captions: list[str]) -> dict[str, Tensor]:
+        """Training losses that also need the paired captions (already weighted); none by default."""
+        return {}
 
 
 class LanguageModel(nn.Module, ABC):

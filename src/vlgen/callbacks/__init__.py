@@ -1,5 +1,6 @@
 """Lightning callbacks of vlgen."""
 
 from vlgen.callbacks.caption_table import CaptionTable
+from vlgen.callbacks.merge_ramp import MergeRamp
 
-__all__ = ["CaptionTable"]
+__all__ = ["CaptionTable", "MergeRamp"]

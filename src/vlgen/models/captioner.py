@@ -85,6 +85,7 @@ class Captioner(VLModule):
         if self.count_skipped(batch):
             return None
         out = self(batch["pixels"])
+        out.losses.update(self.bridge.text_losses(out, batch["captions"]))
         if self.alignment is not None:  # already weighted; summed and logged with the bridge's own losses
             out.losses["align"] = self.alignment.loss(out.prompts, batch["captions"], out.mask)
         lm_loss = self.llm.loss(out.prompts, out.mask, [self.prompt] * len(batch["captions"]), batch["captions"])

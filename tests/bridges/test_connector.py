@@ -1,0 +1,133 @@
+"""EVLGen's token-merging connector: BERT parity without merging, token counts, padding, the ramp, the contrastive
+term, and the MergeRamp callback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertModel
+
+from vlgen.bridges import TokenMergingConnector
+from vlgen.bridges.connector import SentenceContrast
+from vlgen.callbacks import MergeRamp
+from vlgen.errors import ConfigError
+
+VISION, LLM = 16, 24
+
+
+def make(**kwargs) -> TokenMergingConnector:
+    torch.manual_seed(0)
+    kwargs = {"num_layers": 3, "r": 4, "hidden_size": 32, "num_heads": 2, "dropout": 0.0, **kwargs}
+    c = TokenMergingConnector(**kwargs)
+    c.build(VISION, LLM)
+    return c.eval()
+
+
+def test_without_merging_the_layers_are_berts(tiny_bert_dir):
+    connector = make(bert=str(tiny_bert_dir), num_layers=2, r=0, vision_norm=False)
+    bert = BertModel.from_pretrained(tiny_bert_dir, add_pooling_layer=False).eval()
+    tokens = torch.randn(2, 9, VISION)
+    ours = connector(tokens)
+    theirs = bert(inputs_embeds=connector.input_proj(tokens)).last_hidden_state
+    torch.testing.assert_close(ours.prompts, connector.projection(theirs), atol=1e-5, rtol=1e-5)
+    assert ours.prompts.shape == (2, 9, LLM)
+
+
+def test_token_counts_follow_the_schedule():
+    connector = make()
+    out = connector(torch.randn(2, 33, VISION))
+    assert out.prompts.shape == (2, 33 - 3 * 4, LLM) and out.mask is None
+    assert connector.output_tokens(33) == 21
+    assert make(r=[8, 4, 0]).output_tokens(33) == 21
+    assert make(r=[16, 16, 16]).output_tokens(33) == 33 - 16 - 8 - 4  # capped at half the mergeable tokens
+    assert out.pooled is not None and out.pooled.shape == (2, 32)
+
+
+def test_first_token_is_protected_and_gradients_reach_the_inputs():
+    connector = make(r=6)
+    tokens = torch.randn(2, 17, VISION, requires_grad=True)
+    out = connector(tokens)
+    out.prompts.sum().backward()
+    assert tokens.grad is not None and tokens.grad.abs().sum() > 0
+    assert connector.input_proj.weight.grad is not None
+
+
+def test_padded_samples_get_what_they_get_alone():
+    connector = make(r=3, proportional_attention=True)
+    torch.manual_seed(2)
+    short, long = torch.randn(1, 12, VISION), torch.randn(1, 16, VISION)
+    padded = torch.cat([short, 100 * torch.randn(1, 4, VISION)], dim=1)  # garbage where the mask says padding
+    mask = torch.tensor([[1] * 12 + [0] * 4, [1] * 16])
+    both = connector(torch.cat([padded, long]), mask)
+    alone = [connector(short), connector(long)]
+    assert both.mask is not None and torch.isfinite(both.prompts).all()
+    for i, single in enumerate(alone):
+        real = both.prompts[i][both.mask[i].bool()]
+        torch.testing.assert_close(real, single.prompts[0], atol=1e-5, rtol=1e-5)
+
+
+def test_ramp_fraction_scales_every_layer():
+    connector = make(r=4)
+    connector.merge_fraction = 0.0
+    assert connector(torch.randn(1, 33, VISION)).prompts.shape[1] == 33
+    connector.merge_fraction = 0.5
+    assert connector.schedule(33) == [2, 2, 2]
+    assert MergeRamp(100).fraction(0) == 0.0 and MergeRamp(100).fraction(50) == 0.5
+    assert MergeRamp(100).fraction(500) == 1.0 and MergeRamp(0).fraction(0) == 1.0
+
+
+def test_contrastive_term_trains_the_connector_not_the_sentence_encoder(tiny_bert_dir):
+    contrast = SentenceContrast(str(tiny_bert_dir), weight=0.5, embed_dim=8)
+    connector = make(contrastive=contrast).train()
+    out = connector(torch.randn(3, 17, VISION))
+    losses = connector.text_losses(out, ["a red circle", "a blue square", "two green triangles"])
+    assert set(losses) == {"contrastive"} and torch.isfinite(losses["contrastive"])
+    losses["contrastive"].backward()
+    assert connector.input_proj.weight.grad is not None and contrast.text_proj.weight.grad is not None
+    assert all(p.grad is None for p in contrast.encoder.parameters())
+    assert not contrast.encoder.training
+    assert make().text_losses(out, ["x"] * 3) == {}  # no contrastive term configured
+
+
+def test_bad_settings_are_named(tiny_bert_dir):
+    with pytest.raises(ConfigError, match=r"bridge\.num_layers"):
+        TokenMergingConnector(bert=str(tiny_bert_dir), num_layers=5)
+    with pytest.raises(ConfigError, match=r"bridge\.bert"):
+        TokenMergingConnector(bert="./no/such/bert")
+    with pytest.raises(ConfigError, match=r"MergeRamp\.steps"):
+        MergeRamp(-1)
+
+
+def test_unweighted_merging_differs_only_once_sizes_differ():
+    tokens = torch.randn(2, 17, VISION)
+    for layers, same in ((1, True), (3, False)):
+        weighted = make(num_layers=layers, r=4)(tokens).prompts
+        plain = make(num_layers=layers, r=4, size_weighted=False)(tokens).prompts
+        assert torch.allclose(weighted, plain, atol=1e-6) is same
+
+
+def test_captioner_trains_with_the_contrastive_term(tiny_bert_dir, tiny_llm_dir):
+    from vlgen.encoders import TimmEncoder
+    from vlgen.llms import CausalLM
+    from vlgen.models import Captioner
+
+    vit = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
+    bridge = TokenMergingConnector(
+        num_layers=2, r=4, hidden_size=32, num_heads=2, contrastive=SentenceContrast(str(tiny_bert_dir))
+    )
+    model = Captioner(TimmEncoder("vit_tiny_patch16_224", model_kwargs=vit), bridge, CausalLM(str(tiny_llm_dir)))
+    logged: dict[str, float] = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value.detach()))
+    batch = {"pixels": torch.randn(2, 3, 32, 32), "captions": ["a red circle", "a blue square"], "num_skipped": 0}
+    model.training_step(batch, 0).backward()
+    assert {"train/loss", "train/lm_loss", "train/contrastive"} <= set(logged)
+    assert logged["train/loss"] > logged["train/lm_loss"]
+    saved = _saved(model)  # the frozen sentence encoder is rebuilt from its checkpoint, not saved
+    assert "bridge.contrastive.text_proj.weight" in saved
+    assert not any(k.startswith("bridge.contrastive.encoder.") for k in saved)
+
+
+def _saved(model) -> set[str]:
+    ckpt = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(ckpt)
+    return set(ckpt["state_dict"])
