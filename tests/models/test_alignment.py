@@ -136,3 +136,21 @@ def test_blip2_stage1_aligns_through_a_projection_that_stage2_can_reuse(tiny_ber
     other = QFormer(str(tiny_bert_dir), num_queries=4, init_from=str(path))
     other.build(encoder.embed_dim, 48)  # another LLM width: a fresh projection
     assert other.language_projection.weight.shape == (48, qformer.hidden_size)
+
+
+def test_connector_aligns_once_its_merge_ramp_reaches_the_teachers_count(tiny_bert_dir, ckpt4, llm):
+    from vlgen.bridges import TokenMergingConnector
+
+    torch.manual_seed(0)
+    encoder = TimmEncoder("vit_tiny_patch16_224", model_kwargs=VIT)  # 5 tokens; one merge leaves 4
+    bridge = TokenMergingConnector(num_layers=1, r=1, hidden_size=32, num_heads=2)
+    model = Captioner(encoder, bridge, llm, alignment=alignment(tiny_bert_dir, ckpt4, 4))
+    batch = {"pixels": torch.randn(2, 3, 32, 32), "captions": CAPTIONS, "references": [], "ids": [], "num_skipped": 0}
+    bridge.merge_fraction = 0.0  # the ramp's start: 5 prompts, no alignment yet, no error
+    logged = capture(model)
+    model.training_step(batch, 0).backward()
+    assert "train/align" not in logged and "train/lm_loss" in logged
+    bridge.merge_fraction = 1.0
+    logged = capture(model)
+    model.training_step(batch, 0)
+    assert logged["train/align"] > 0

@@ -18,6 +18,7 @@ class MergeRamp(Callback):
     Every layer of a :class:`~vlgen.bridges.TokenMergingConnector` then merges ``round(fraction * r)`` tokens, so
     early training sees nearly all visual tokens and the prompts condense as the connector learns. The fraction is
     a function of the global step, so a resumed run picks up where it was. Logged as ``train/merge_fraction``.
+    P-Former alignment, whose prompt count is the full schedule's, applies from the step the counts agree.
 
     Args:
         steps: optimiser steps until the full schedule; 0 means full merging from the start.

@@ -57,6 +57,7 @@ class Captioner(VLModule):
         self.llm = llm
         self.bridge.build(encoder.embed_dim, llm.hidden_size)
         self.alignment = alignment
+        self._alignment_waits = False  # logged once: prompts and teacher disagree in count during a merge ramp
         if alignment is not None:
             alignment.build(bridge_prompt_count(encoder, bridge), llm.hidden_size)
         self.prompt = prompt
@@ -87,7 +88,15 @@ class Captioner(VLModule):
         out = self(batch["pixels"])
         out.losses.update(self.bridge.text_losses(out, batch["captions"]))
         if self.alignment is not None:  # already weighted; summed and logged with the bridge's own losses
-            out.losses["align"] = self.alignment.loss(out.prompts, batch["captions"], out.mask)
+            if out.prompts.shape[1] == self.alignment.num_prompts:
+                out.losses["align"] = self.alignment.loss(out.prompts, batch["captions"], out.mask)
+            elif not self._alignment_waits:  # checked at build: only a merge ramp under way gets here
+                self._alignment_waits = True
+                log.info(
+                    "alignment: the bridge gives %d prompts, not the P-Former's %d, while its merging ramps up; "
+                    "alignment applies from the step they agree",
+                    out.prompts.shape[1], self.alignment.num_prompts,
+                )  # fmt: skip
         lm_loss = self.llm.loss(out.prompts, out.mask, [self.prompt] * len(batch["captions"]), batch["captions"])
         loss = lm_loss + sum(out.losses.values(), torch.zeros((), device=lm_loss.device))
         size = len(batch["captions"])
