@@ -3,3 +3,9 @@
 
 class ConfigError(ValueError):
     """A bad option value or a path that does not exist; the message names the option."""
+
+
+def load_failure(err: BaseException) -> str:
+    """The first line of a loader's error (``from_pretrained`` messages run to many lines), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -26,7 +26,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from vlgen.errors import ConfigError
+from vlgen.errors import ConfigError, load_failure
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,7 @@ def load_pretrained(
     except (OSError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{option}.name_or_path: cannot load {name_or_path!r}: {first}") from None
+        raise ConfigError(f"{option}.name_or_path: cannot load {name_or_path!r}: {load_failure(err)}") from None
     return model, tokenizer
 
 

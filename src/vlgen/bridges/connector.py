@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from vlgen.bridges.bert_layers import AddNorm, BertAttention, init_bert_module, intermediate
 from vlgen.bridges.tome import bipartite_soft_matching, merge_schedule, proportional_attention_bias, tokens_after
 from vlgen.dist import rank
-from vlgen.errors import ConfigError
+from vlgen.errors import ConfigError, load_failure
 from vlgen.interfaces import Bridge, BridgeOutput, count_parameters, masked_mean
-from vlgen.loading import dtype_kwarg, resolve_name_or_path
+from vlgen.loading import dtype_kwarg, load_pretrained, resolve_name_or_path
 from vlgen.models.blip2_losses import gather_with_grad, itc_loss
 
 log = logging.getLogger(__name__)
@@ -86,13 +86,8 @@ class SentenceContrast(nn.Module):
 
     def __init__(self, encoder: str, weight: float = 0.1, embed_dim: int = 256, max_length: int = 32) -> None:
         super().__init__()
-        path = resolve_name_or_path(encoder, "bridge.contrastive.encoder")
-        try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-            self.encoder = transformers.AutoModel.from_pretrained(path, **dtype_kwarg("float32"))
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"bridge.contrastive.encoder: cannot load {encoder!r}: {first}") from None
+        option = "bridge.contrastive.encoder"  # errors name bridge.contrastive.encoder.name_or_path
+        self.encoder, self.tokenizer = load_pretrained(transformers.AutoModel, encoder, None, "float32", option)
         self.encoder.requires_grad_(False)
         self.encoder.eval()
         self.weight, self.max_length = weight, max_length
@@ -174,8 +169,7 @@ class TokenMergingConnector(Bridge):
             try:
                 source = transformers.BertModel.from_pretrained(path, **dtype_kwarg("float32"))
             except (OSError, ValueError) as err:
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise ConfigError(f"bridge.bert: cannot load {bert!r}: {first}") from None
+                raise ConfigError(f"bridge.bert: cannot load {bert!r}: {load_failure(err)}") from None
             c = source.config
             if not 1 <= num_layers <= c.num_hidden_layers:
                 raise ConfigError(f"bridge.num_layers must be in 1..{c.num_hidden_layers} for {bert}, got {num_layers}")

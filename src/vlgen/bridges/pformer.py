@@ -18,7 +18,7 @@ from typing import Literal
 import transformers
 from torch import Tensor, nn
 
-from vlgen.errors import ConfigError
+from vlgen.errors import ConfigError, load_failure
 from vlgen.interfaces import masked_mean, set_frozen
 from vlgen.loading import dtype_kwarg, read_checkpoint, resolve_name_or_path
 
@@ -70,8 +70,7 @@ class PFormer(nn.Module):
         except (OSError, ValueError) as err:
             if isinstance(err, ConfigError):
                 raise
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"pformer.bert: cannot load {bert!r}: {first}") from None
+            raise ConfigError(f"pformer.bert: cannot load {bert!r}: {load_failure(err)}") from None
         if getattr(self.bert, "pooler", None) is not None:
             self.bert.pooler = None  # BERT's NSP pooler is unused: no gradient would reach it (DDP refuses that)
         if max_text_len > config.max_position_embeddings:

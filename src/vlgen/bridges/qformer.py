@@ -33,7 +33,7 @@ from vlgen.bridges.qformer_weights import (
     load_stage1_qformer,
     summarise_keys,
 )
-from vlgen.errors import ConfigError
+from vlgen.errors import ConfigError, load_failure
 from vlgen.interfaces import Bridge, BridgeOutput, count_parameters, freeze
 from vlgen.loading import blip2_config, dtype_kwarg, resolve_name_or_path
 
@@ -162,8 +162,7 @@ class QFormer(Bridge):
                     path, output_loading_info=True, **dtype_kwarg("float32")
                 )
             except (OSError, ValueError) as err:
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise ConfigError(f"bridge.bert: cannot load {bert!r}: {first}") from None
+                raise ConfigError(f"bridge.bert: cannot load {bert!r}: {load_failure(err)}") from None
             c = source.config
         if num_layers is not None and not 1 <= num_layers <= c.num_hidden_layers:
             raise ConfigError(f"bridge.num_layers must be in 1..{c.num_hidden_layers} for {bert}, got {num_layers}")
