@@ -63,7 +63,7 @@ class BridgeOutput:
 
 
 class VisualEncoder(nn.Module, ABC):
-    """Images ``[B, C, H, W]`` -> visual tokens ``[B, N, D]``."""
+    """Images ``[B, C, H, W]`` (a video encoder: frames ``[B, T, C, H, W]``) -> visual tokens ``[B, N, D]``."""
 
     @property
     @abstractmethod

@@ -126,11 +126,13 @@ class TimmEncoder(VisualEncoder):
         return self
 
     def forward(self, pixels: Tensor) -> Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+        # A frozen backbone needs no graph unless modules inserted into it train (a video encoder's temporal ones).
+        needs_grad = not self.frozen or any(p.requires_grad for p in self.model.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
             if self.feature_stage is None:
                 tokens = self.model.forward_features(pixels.to(self.dtype))  # [B, N, D] ViTs, [B, D, h, w] CNNs
-            else:  # [B, D, h, w] for CNNs and ViTs alike (a ViT's prefix tokens left out)
-                kwargs = {"indices": [self.feature_stage], "intermediates_only": True}
+            else:  # [B, D, h, w] for CNNs and ViTs alike (a ViT's prefix tokens left out); later stages not run
+                kwargs = {"indices": [self.feature_stage], "intermediates_only": True, "stop_early": True}
                 tokens = self.model.forward_intermediates(pixels.to(self.dtype), **kwargs)[0]
         if tokens.ndim == 4:
             tokens = tokens.flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D]
