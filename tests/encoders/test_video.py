@@ -59,15 +59,22 @@ def test_temporal_attention_matches_a_direct_computation():
     torch.testing.assert_close(att(maps, t).flatten(2).transpose(1, 2), got)
 
 
-@pytest.mark.parametrize("name, kwargs", [("vit", {}), ("cnn", {"feature_stage": 3})])
-def test_contextualizer_starts_as_the_image_model_and_trains_only_itself(name, kwargs):
-    image = vit() if name == "vit" else TimmEncoder("test_resnet", init_seed=0, **kwargs)
-    x = clips(size=32 if name == "vit" else 64)
+EVA = {"img_size": 28, "patch_size": 14, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+@pytest.mark.parametrize("name", ["vit", "eva", "cnn"])
+def test_contextualizer_starts_as_the_image_model_and_trains_only_itself(name):
+    image = {
+        "vit": vit,
+        "eva": lambda: TimmEncoder("eva_giant_patch14_224", model_kwargs=EVA, init_seed=0),
+        "cnn": lambda: TimmEncoder("test_resnet", init_seed=0, feature_stage=3),
+    }[name]()
+    x = clips(size={"vit": 32, "eva": 28, "cnn": 64}[name])
     with torch.no_grad():
         plain = image(x.flatten(0, 1)).unflatten(0, (2, 4)).mean(1)  # the image model, averaged over frames
     enc = FrameEncoder(image, TemporalContextualizer(hidden_dim=16, num_heads=8 if name == "cnn" else 2))
     wrapped = [m for m in enc.modules() if isinstance(m, ContextualizedBlock)]
-    assert wrapped and all(m.mid == (name == "vit") for m in wrapped)
+    assert wrapped and all(m.mid == (name != "cnn") for m in wrapped)
     torch.testing.assert_close(enc(x), plain)
     enc(x).pow(2).mean().backward()
     trainable = {n for n, p in enc.named_parameters() if p.requires_grad}

@@ -12,9 +12,10 @@ order of the frames, so the paper's model cannot tell a clip from its reverse (l
 disappearing). ``frame_embedding: true`` adds a learned per-frame embedding to the queries' and keys' inputs (not
 to the values), an extension that lets the attention read order; it is off by default.
 
-Blocks are wrapped, never copied: a timm ``vision_transformer.Block`` is run through its own sub-modules with the
-temporal step between its two residual branches; any other block (a CNN stage's bottleneck, an EVA block) gets the
-temporal step after it. Channels-first maps ``[B*T, C, h, w]`` are handled like token sequences ``[B*T, h*w, C]``.
+Blocks are wrapped, never copied: a timm ViT or EVA block (``vision_transformer.Block``, ``eva.EvaBlock``) is run
+through its own sub-modules with the temporal step between its two residual branches; any other block (a CNN stage's
+bottleneck) gets the temporal step after it. Channels-first maps ``[B*T, C, h, w]`` are handled like token
+sequences ``[B*T, h*w, C]``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block as VitBlock
 from torch import Tensor, nn
 
@@ -90,10 +92,18 @@ class ContextualizedBlock(nn.Module):
         t = self.clip_length.num_frames
         if not self.mid:
             return self.temporal(self.block(x, *args, **kwargs), t)
-        b = self.block  # timm's pre-norm residual block, its branches run as its own forward runs them
-        x = x + b.drop_path1(b.ls1(b.attn(b.norm1(x), *args, **kwargs)))
+        b = self.block  # a pre-norm residual block's two branches, each as timm's own forward runs it
+        x = x + b.drop_path1(_layer_scale(b, 1, b.attn(b.norm1(x), *args, **kwargs)))
         x = self.temporal(x, t)
-        return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+        return x + b.drop_path2(_layer_scale(b, 2, b.mlp(b.norm2(x))))
+
+
+def _layer_scale(block: nn.Module, branch: int, x: Tensor) -> Tensor:
+    """A ViT block's ``ls1``/``ls2`` modules or an EVA block's ``gamma_1``/``gamma_2`` vectors (``None``: none)."""
+    if isinstance(block, VitBlock):
+        return getattr(block, f"ls{branch}")(x)
+    gamma = getattr(block, f"gamma_{branch}")
+    return x if gamma is None else gamma * x
 
 
 class TemporalContextualizer(TemporalModule):
@@ -102,8 +112,8 @@ class TemporalContextualizer(TemporalModule):
     Args:
         hidden_dim: query/key width of each temporal attention (the paper: 256).
         num_heads: its heads (the paper: 8).
-        position: ``after_attention`` (the paper's place, timm ViT blocks only), ``after_block`` (any block), or
-            ``auto`` (the first for timm ViT blocks, the second otherwise).
+        position: ``after_attention`` (the paper's place; timm ViT and EVA blocks), ``after_block`` (any block), or
+            ``auto`` (the first where possible, the second otherwise).
         frame_embedding: add a learned frame-position embedding to queries and keys (not in the paper; see above).
         max_frames: frames the embedding covers when ``frame_embedding`` is on.
     """
@@ -127,9 +137,12 @@ class TemporalContextualizer(TemporalModule):
             raise ConfigError(f"encoder.temporal: TemporalContextualizer needs a timm encoder, got {name}")
         wrapped = 0
         for parent, name, block, dim in _encoder_blocks(model, getattr(encoder, "feature_stage", None)):
-            mid = self.position == "after_attention" or (self.position == "auto" and type(block) is VitBlock)
-            if mid and type(block) is not VitBlock:
-                raise ConfigError(f"encoder.temporal.position: after_attention needs timm ViT blocks, not {name}")
+            splittable = type(block) in (VitBlock, EvaBlock)
+            mid = self.position == "after_attention" or (self.position == "auto" and splittable)
+            if mid and not splittable:
+                raise ConfigError(
+                    f"encoder.temporal.position: after_attention needs timm ViT or EVA blocks, not {name}"
+                )
             temporal = TemporalAttention(dim, self.hidden_dim, self.num_heads, self.max_frames)
             temporal.to(next(block.parameters()).device)
             parent.register_module(name.rsplit(".", 1)[-1], ContextualizedBlock(block, temporal, self.clip_length, mid))
