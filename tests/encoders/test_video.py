@@ -150,3 +150,23 @@ def test_every_bridge_trains_on_video_tokens(bridge, tiny_llm_dir, tiny_bert_dir
         n for n, p in model.named_parameters() if ".temporal." in n
     }
     assert len(model.caption(clips())) == 2
+
+
+def test_a_video_model_starts_from_an_image_models_checkpoint(tiny_llm_dir, tmp_path):
+    llm = CausalLM(str(tiny_llm_dir), decoding=Decoding(max_new_tokens=3))
+    image_model = Captioner(vit(), LinearProjector(), llm)
+    with torch.no_grad():
+        image_model.bridge.proj[1].weight.normal_()
+    ckpt = {"state_dict": image_model.state_dict()}
+    image_model.on_save_checkpoint(ckpt)  # what a fit saves: trainable weights only
+    torch.save(ckpt, tmp_path / "image.ckpt")
+    video = FrameEncoder(vit(), TemporalContextualizer(hidden_dim=16, num_heads=2))
+    model = Captioner(video, LinearProjector(), llm, init_from=str(tmp_path / "image.ckpt"))
+    torch.testing.assert_close(model.bridge.proj[1].weight, image_model.bridge.proj[1].weight)
+    assert all(m.gate.item() == 0 for m in model.modules() if isinstance(m, TemporalAttention))  # fresh
+    torch.save({"state_dict": {"bridge.proj.1.weight": torch.zeros(3, 3)}}, tmp_path / "other.ckpt")
+    with pytest.raises(ConfigError, match=r"model.init_from: bridge.proj.1.weight is \(3, 3\)"):
+        Captioner(vit(), LinearProjector(), llm, init_from=str(tmp_path / "other.ckpt"))
+    torch.save({"state_dict": {"something.else": torch.zeros(1)}}, tmp_path / "unrelated.ckpt")
+    with pytest.raises(ConfigError, match="holds none of this model's weights"):
+        Captioner(vit(), LinearProjector(), llm, init_from=str(tmp_path / "unrelated.ckpt"))

@@ -17,7 +17,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from vlgen.errors import ConfigError
 from vlgen.interfaces import count_parameters
+from vlgen.loading import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,28 @@ class VLModule(pl.LightningModule):
         missing = [k for k in missing if k not in checkpoint["state_dict"]]
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}")
+
+    def init_weights_from(self, path: str, option: str) -> None:
+        """Start from the weights a vlgen checkpoint saved (e.g. an image model's, to fine-tune it on video).
+
+        Weights the checkpoint lacks keep their fresh initialisation (a video encoder's temporal modules, a new
+        projection); weights it holds that this model has not are logged and ignored. A checkpoint that shares no
+        weight with the model, or a weight of another shape, stops with one line naming ``option``.
+        """
+        saved = read_checkpoint(path, option).get("state_dict", {})
+        own = self.state_dict()
+        shared = {k: v for k, v in saved.items() if k in own}
+        for key, value in shared.items():
+            if value.shape != own[key].shape:
+                raise ConfigError(f"{option}: {key} is {tuple(value.shape)} in {path}, {tuple(own[key].shape)} here")
+        if not shared:
+            raise ConfigError(f"{option}: {path} holds none of this model's weights")
+        self.load_state_dict(shared, strict=False)
+        fresh = [n for n, p in self.named_parameters() if p.requires_grad and n not in shared]
+        log.info(
+            "%s: %d tensors from %s; %d trainable tensors start fresh%s; %d of its tensors unused",
+            option, len(shared), path, len(fresh), f" (e.g. {fresh[0]})" if fresh else "", len(saved) - len(shared),
+        )  # fmt: skip
 
     # --- bad data accounting --------------------------------------------------------------------------------------
     def count_skipped(self, batch: dict[str, Any]) -> bool:

@@ -39,6 +39,8 @@ class Captioner(VLModule):
         num_logged_samples: images kept from the first validation batch for caption tables (W&B).
         alignment: pull the bridge's prompts towards a frozen P-Former's prompts of the caption (its prompt count
             must equal the bridge's; checked here).
+        init_from: a vlgen checkpoint whose saved weights initialise this model before training, e.g. an image
+            model's to fine-tune it on video; weights it lacks (new temporal modules) keep their initialisation.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class Captioner(VLModule):
         optim: Optim | None = None,
         num_logged_samples: int = 8,
         alignment: PromptAlignment | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__(optim)
         self.encoder = encoder
@@ -66,6 +69,8 @@ class Captioner(VLModule):
         self.test_metrics = CaptionMetrics()
         self.logged_samples: list[dict[str, Any]] = []
         self._outputs: list[dict[str, Any]] = []
+        if init_from is not None:
+            self.init_weights_from(init_from, "model.init_from")
         self.log_parameter_counts()
 
     def image_transform(self, train: bool) -> Any:
