@@ -45,8 +45,10 @@ def test_caption_table_logs_to_offline_wandb(tmp_path, monkeypatch):
 def test_image_for_tables_spans_the_byte_range():
     img = to_uint8_image(torch.linspace(-1, 1, 3 * 4 * 4).reshape(3, 4, 4))
     assert img.shape == (4, 4, 3) and img.min() == 0 and img.max() == 255
-    clip = to_uint8_image(torch.randn(5, 3, 4, 4))  # a video: the middle frame
-    assert clip.shape == (4, 4, 3)
+    frames = torch.arange(5.0)[:, None, None, None].expand(5, 3, 4, 4)  # frame k is all k
+    clip = to_uint8_image(frames)  # a video: its frames in a row, left to right
+    assert clip.shape == (4, 20, 3)
+    assert [int(clip[0, 4 * k, 0]) for k in range(5)] == [0, 64, 128, 191, 255]
 
 
 def test_make_world_verb(tmp_path, capsys):

@@ -14,9 +14,10 @@ from lightning.pytorch.loggers import WandbLogger
 
 
 def to_uint8_image(pixels: torch.Tensor) -> Any:
-    """A normalised ``[C, H, W]`` image (or ``[T, C, H, W]`` clip: its middle frame) -> ``[H, W, C]`` uint8 array."""
+    """A normalised ``[C, H, W]`` image -> ``[H, W, C]`` uint8 array; a ``[T, C, H, W]`` clip -> its frames side by
+    side, ``[H, T*W, C]``, so a table shows the motion its caption describes."""
     if pixels.ndim == 4:
-        pixels = pixels[pixels.shape[0] // 2]
+        pixels = torch.cat(list(pixels), dim=-1)  # T x [C, H, W] -> [C, H, T*W]
     lo, hi = pixels.min(), pixels.max()
     scaled = (pixels - lo) / (hi - lo).clamp_min(1e-6)
     return (scaled * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
