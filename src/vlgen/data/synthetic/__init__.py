@@ -1,5 +1,6 @@
 """Synthetic worlds generated on demand, so every run and test has data with known ground truth."""
 
+from vlgen.data.synthetic.motion import Clip, MovingObject, MovingShapesWorld, caption_states_motion, motion_captions
 from vlgen.data.synthetic.shapes import (
     Scene,
     SceneObject,
@@ -9,5 +10,20 @@ from vlgen.data.synthetic.shapes import (
     render,
     sample_scene,
 )
+from vlgen.data.synthetic.world import SyntheticWorld
 
-__all__ = ["Scene", "SceneObject", "ShapesWorld", "caption_states_facts", "captions", "render", "sample_scene"]
+__all__ = [
+    "Clip",
+    "MovingObject",
+    "MovingShapesWorld",
+    "Scene",
+    "SceneObject",
+    "ShapesWorld",
+    "SyntheticWorld",
+    "caption_states_facts",
+    "caption_states_motion",
+    "captions",
+    "motion_captions",
+    "render",
+    "sample_scene",
+]

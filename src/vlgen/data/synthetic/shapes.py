@@ -13,11 +13,7 @@ Each scene draws from its own generator seeded by ``(seed, split, index)``, so t
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import re
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlgen.data.synthetic.world import SyntheticWorld
 from vlgen.errors import ConfigError
 
 VERSION = 2  # bump when a seed starts producing a different world; stored in world.json
@@ -246,7 +243,7 @@ def caption_states_facts(caption: str, facts: dict[str, Any] | Scene) -> bool:
     return len(next(iter(groups.values()))) == len(by_kind)
 
 
-class ShapesWorld:
+class ShapesWorld(SyntheticWorld):
     """A synthetic image-caption world written to disk as PNG + COCO-style JSON.
 
     Args:
@@ -259,6 +256,9 @@ class ShapesWorld:
         num_text: sentences of the text-only corpus, from scenes that are never rendered; each scene's phrasings
             are consecutive lines, ``captions_per_image`` of them.
     """
+
+    kind = "shapes"
+    version = VERSION
 
     def __init__(
         self,
@@ -284,6 +284,10 @@ class ShapesWorld:
             "num_text": num_text,
         }
 
+    @property
+    def captions_per_scene(self) -> int:
+        return self.args["captions_per_image"]
+
     def scene(self, split: str, index: int) -> tuple[Scene, list[str]]:
         """The scene and captions of image ``index`` of ``split`` (``"text"`` for the corpus), as written.
 
@@ -292,47 +296,6 @@ class ShapesWorld:
         rng = np.random.default_rng([self.args["seed"], SPLITS[split], index])
         scene = sample_scene(rng)
         return scene, captions(scene, rng, self.args["captions_per_image"])
-
-    def is_written(self, root: str | Path) -> bool:
-        """True when ``root`` holds a complete world made with these arguments; raises if made with others."""
-        marker = Path(root) / "world.json"
-        if not marker.is_file():
-            return False
-        found = json.loads(marker.read_text())
-        wanted = {**self.args, "version": VERSION}
-        if found.get("version") != VERSION:
-            raise ConfigError(f"{root} holds a shapes world of an older format; delete it to write the current one")
-        if found != wanted:
-            diff = ", ".join(f"{k}={found.get(k)} (wanted {v})" for k, v in wanted.items() if found.get(k) != v)
-            raise ConfigError(
-                f"{root} holds a shapes world made with other arguments: {diff}; delete it or use another root"
-            )
-        return True
-
-    def write(self, root: str | Path) -> Path:
-        """Write the world into ``root`` (a no-op when it is already there) and return ``root``.
-
-        Everything is written into a temporary sibling directory that is renamed to ``root`` at the end, so an
-        interrupted write never leaves a world that looks complete (``world.json`` is what marks one).
-        """
-        root = Path(root)
-        if self.is_written(root):
-            return root
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
-            raise ConfigError(f"{root} exists but holds no complete shapes world; delete it or use another root")
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-        try:
-            self._write_into(tmp)
-            if root.exists():
-                root.rmdir()  # an empty directory, e.g. made by the user
-            os.rename(tmp, root)
-        except OSError:
-            if not self.is_written(root):  # unless another process finished the same world first
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return root
 
     def _write_into(self, out: Path) -> None:
         (out / "images").mkdir()
@@ -357,12 +320,5 @@ class ShapesWorld:
                         records.append({"image": image, "caption": caps, "image_id": image_id, "facts": facts})
                 for future in drawn:
                     future.result()  # re-raises a failed write
-                text = "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n"  # one record per line
-                (out / f"{split}.json").write_text(text)
-        lines: list[str] = []
-        for index in itertools.count():
-            if len(lines) >= self.args["num_text"]:
-                break
-            lines += self.scene("text", index)[1]
-        (out / "corpus.txt").write_text("".join(f"{line}\n" for line in lines[: self.args["num_text"]]))
-        (out / "world.json").write_text(json.dumps({**self.args, "version": VERSION}, indent=1))
+                self._write_records(out / f"{split}.json", records)
+        self._write_corpus(out / "corpus.txt", lambda index: self.scene("text", index)[1])

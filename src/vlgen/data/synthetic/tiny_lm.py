@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vlgen.data.synthetic.shapes import ShapesWorld
+from vlgen.data.synthetic.world import SyntheticWorld
 from vlgen.loading import ModelRecipe
 
 log = logging.getLogger(__name__)
@@ -25,10 +25,10 @@ PROMPT_WORDS = "a photo of question what is the colour color shape short answer"
 
 
 class ShapesTinyLM(ModelRecipe):
-    """Write the shapes world (if needed), then pre-train a small Llama on its text corpus.
+    """Write a synthetic world (if needed), then pre-train a small Llama on its text corpus.
 
     Args:
-        world: the world whose ``corpus.txt`` is the training text.
+        world: the world (shapes, moving shapes, ...) whose ``corpus.txt`` is the training text.
         world_root: where that world lives (written there when missing).
         hidden_size: model width.
         num_layers: transformer layers.
@@ -41,7 +41,7 @@ class ShapesTinyLM(ModelRecipe):
 
     def __init__(
         self,
-        world: ShapesWorld,
+        world: SyntheticWorld,
         world_root: str,
         hidden_size: int = 64,
         num_layers: int = 2,
@@ -62,7 +62,7 @@ class ShapesTinyLM(ModelRecipe):
         self.world.write(self.world_root)
         sentences = (self.world_root / "corpus.txt").read_text().split("\n")
         sentences = [s for s in sentences if s.strip()]
-        per_scene = self.world.args["captions_per_image"]
+        per_scene = self.world.captions_per_scene
         # The corpus lists each unseen scene's phrasings in a row: a "document" of 2-3 of them teaches the LM to
         # read its context (later phrasings repeat earlier colours and shapes), which soft prompts then exploit.
         # Single-sentence documents teach nothing about context and halve how fast that skill is learnt.
