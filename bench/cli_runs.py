@@ -44,7 +44,7 @@ def workdir(path: Path) -> Path:
     """Make ``path`` and link the world, tiny LM and tiny encoder that the tiny configs already built into it."""
     work = path.resolve()
     (work / "data").mkdir(parents=True, exist_ok=True)
-    for name in ("shapes-tiny", "shapes-tiny-lm", "shapes-tiny-encoder.pth"):
+    for name in ("shapes-tiny", "shapes-tiny-lm", "shapes-tiny-encoder.pth", "shapes-video", "shapes-video-lm"):
         if (REPO / "data" / name).exists() and not (work / "data" / name).exists():
             (work / "data" / name).symlink_to(REPO / "data" / name)
     return work

@@ -72,11 +72,18 @@ def test_tiny_configs_that_share_the_encoder_file_build_and_read_it_alike():
     encoders = {}
     for path in CONFIGS:
         encoder = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args", {}).get("encoder")
+        if encoder and "image" in encoder.get("init_args", {}):  # a video encoder: its per-frame image encoder
+            encoder = encoder["init_args"]["image"]
         if encoder and encoder["init_args"].get("checkpoint_path") == "data/shapes-tiny-encoder.pth":
             weights = ("class_path", "name", "model_kwargs", "transform", "build_if_missing")  # what shapes the file
             encoders[path.name] = {k: encoder["init_args"].get(k, encoder.get(k)) for k in weights}
-    assert {"linear.yaml", "blip2_stage1.yaml", "blip2_stage2.yaml", "pformer_align.yaml", "evlgen.yaml"} <= set(
-        encoders
-    )
+    assert {
+        "linear.yaml",
+        "blip2_stage1.yaml",
+        "blip2_stage2.yaml",
+        "pformer_align.yaml",
+        "evlgen.yaml",
+        "video_evlgen.yaml",
+    } <= set(encoders)
     first = next(iter(encoders.values()))
     assert all(e == first for e in encoders.values()), encoders

@@ -18,7 +18,7 @@ from vlgen.data.synthetic import (
     caption_states_motion,
     motion_captions,
 )
-from vlgen.data.synthetic.motion import MOTIONS, SPEEDS, canonical_caption, sample_clip
+from vlgen.data.synthetic.motion import MOTIONS, SPEEDS, canonical_caption, objects_with_motion_stated, sample_clip
 from vlgen.data.synthetic.shapes import COLORS, SIZES
 from vlgen.errors import ConfigError
 
@@ -175,6 +175,20 @@ def test_motion_checker_accepts_true_captions(caption):
 )
 def test_motion_checker_rejects_false_captions(caption):
     assert not caption_states_motion(caption, MOVING)
+
+
+@pytest.mark.parametrize(
+    "caption, right",
+    [
+        ("a small red circle moves slowly to the left and a large blue square stays still", 2),
+        ("a red circle moves to the left and a blue square moves up", 1),  # one motion wrong
+        ("a red circle moves to the left", 1),  # one object missing
+        ("a red circle moves right and a blue square moves left", 0),
+        ("a green circle moves to the left and a blue square stays still", 0),  # a shape the clip does not hold
+    ],
+)
+def test_objects_with_motion_stated_gives_credit_per_object(caption, right):
+    assert objects_with_motion_stated(caption, MOVING) == (right, 2)
 
 
 def test_motion_checker_on_appearing_and_speed():

@@ -13,6 +13,7 @@ from vlgen.data.common import (
 from vlgen.data.image_text import ImageTextDataModule
 from vlgen.data.synthetic import ShapesWorld
 from vlgen.data.text import TextCorpusDataModule
+from vlgen.data.video_text import VideoTextDataModule
 
 __all__ = [
     "BadFiles",
@@ -23,6 +24,7 @@ __all__ = [
     "ImageTextDataModule",
     "ShapesWorld",
     "TextCorpusDataModule",
+    "VideoTextDataModule",
     "drop_bad",
     "make_loader",
     "read_records",

@@ -6,52 +6,21 @@ Training yields one sample per (image, caption) pair; validation, test and predi
 image with all of its captions as references (records are grouped by ``image_id``). Batches carry raw strings (the
 model tokenises) and images transformed as the model's encoder expects: the module asks the attached
 LightningModule for ``image_transform(train)``. Unusable records and unreadable images are skipped and counted
-(see :mod:`vlgen.data.common`).
+(see :mod:`vlgen.data.common`, which also holds the split, loader and summary logic shared with the video module).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
 
-import lightning.pytorch as pl
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
+from torch.utils.data import Dataset
 
-from vlgen.data.common import (
-    BadFiles,
-    BadRecords,
-    CaptionCollate,
-    CaptionSample,
-    clean_captions,
-    make_loader,
-    read_records,
-    require_file,
-)
-from vlgen.data.synthetic.shapes import BACKGROUND, ShapesWorld
-from vlgen.errors import ConfigError
+from vlgen.data.common import BadFiles, CaptionDataModule, CaptionItem, CaptionSample, Transform
+from vlgen.data.synthetic.shapes import ShapesWorld
 
-log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-SPLIT_STAGE = {"train": "fit", "val": "validate", "test": "test", "predict": "predict"}
-Transform = Callable[[Image.Image], Any]
-
-
-class ImageItem(NamedTuple):
-    """One sample before loading: image path (relative to the image root), its captions, its id."""
-
-    image: str
-    captions: tuple[str, ...]
-    id: str
-
-
-def default_transform(image_size: int) -> Transform:
-    """Resize the short side, centre-crop, scale to [-1, 1]; used only when no model provides a transform."""
-    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+ImageItem = CaptionItem  # the image path is ``item.path``
 
 
 class ImageCaptionDataset(Dataset):
@@ -73,7 +42,7 @@ class ImageCaptionDataset(Dataset):
 
     def __getitem__(self, index: int) -> CaptionSample | None:
         item = self.items[index]
-        path = self.image_root / item.image
+        path = self.image_root / item.path
         try:
             with Image.open(path) as img:
                 rgb = img.convert("RGB")  # decodes the whole file: a truncated one fails here, not in the model
@@ -84,7 +53,7 @@ class ImageCaptionDataset(Dataset):
         return CaptionSample(pixels=self.transform(rgb), caption=caption, references=list(item.captions), id=item.id)
 
 
-class ImageTextDataModule(pl.LightningDataModule):
+class ImageTextDataModule(CaptionDataModule):
     """COCO-style image-caption splits from one root.
 
     Args:
@@ -103,6 +72,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         generate: a synthetic world to write into ``root`` when it is not there yet.
     """
 
+    media_field = "image"
+    media_suffixes = IMAGE_SUFFIXES
+
     def __init__(
         self,
         root: str,
@@ -119,126 +91,20 @@ class ImageTextDataModule(pl.LightningDataModule):
         image_size: int = 224,
         generate: ShapesWorld | None = None,
     ) -> None:
-        super().__init__()
-        self.root = Path(root)
-        self.files = {"train": train_file, "val": val_file, "test": test_file}
-        self.image_root = Path(image_root) if image_root else self.root
-        self.predict_dir = Path(predict_dir) if predict_dir else None
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.strict = not skip_bad_samples
-        self.image_size = image_size
-        self.generate = generate
-        self.bad_records_per_file: dict[str, int] = {}
-        self.datasets: dict[str, ImageCaptionDataset] = {}
-        self._transforms: tuple[Transform, Transform] | None = None
-        if generate is None:
-            for option, path in (("data.root", self.root), ("data.image_root", self.image_root)):
-                if not path.is_dir():
-                    raise FileNotFoundError(f"{option}: {path} does not exist")
-
-    @property
-    def num_bad_records(self) -> int:
-        """Annotation records skipped so far, over all files read (per file: ``bad_records_per_file``)."""
-        return sum(self.bad_records_per_file.values())
-
-    def prepare_data(self) -> None:
-        if self.generate is not None:
-            self.generate.write(self.root)
-
-    def set_transforms(self, train_tf: Transform, eval_tf: Transform) -> None:
-        """Use these transforms instead of asking the LightningModule (for use outside a Trainer)."""
-        self._transforms = (train_tf, eval_tf)
-
-    def _transform(self, train: bool) -> Transform:
-        if self._transforms is not None:
-            return self._transforms[0 if train else 1]
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is not None and callable(getattr(module, "image_transform", None)):
-            return module.image_transform(train)
-        return default_transform(self.image_size)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.generate is not None:
-            self.generate.write(self.root)  # a no-op when prepare_data (or another process) already wrote it
-        for split in STAGE_SPLITS.get(stage or "", ("train", "val", "test")):
-            if split in self.datasets:
-                self.datasets[split].transform = self._transform(split == "train")
-            elif split == "predict":
-                self.datasets[split] = self._predict_split()
-            elif self.files[split] is not None:
-                self.datasets[split] = self._annotated_split(split)
-        log.info("data: %s", self.summary())
-
-    def _annotated_split(self, split: str) -> ImageCaptionDataset:
-        option = f"data.{split}_file"
-        path = require_file(self.root / str(self.files[split]), option)
-        bad = BadRecords(path, self.strict)
-        train = split == "train"
-        items: list[ImageItem] = []
-        groups: dict[str, tuple[str, list[str]]] = {}  # image_id -> (image, every caption of it)
-        for where, record in read_records(path, bad):
-            image = record.get("image")
-            if not isinstance(image, str) or not image.strip():
-                bad(where, "no 'image' field")
-                continue
-            caps = clean_captions(record.get("caption"), where, bad)
-            image_id = str(record.get("image_id", image))
-            if train:  # one sample per (image, caption) pair
-                items += [ImageItem(image, (c,), image_id) for c in caps]
-            elif caps:  # one sample per image, every caption a reference
-                groups.setdefault(image_id, (image, []))[1].extend(caps)
-        items += [ImageItem(image, tuple(caps), image_id) for image_id, (image, caps) in groups.items()]
-        self.bad_records_per_file[str(path)] = bad.count
-        if not items:
-            raise ConfigError(f"{option}: {path} holds no usable records ({bad.count} skipped)")
-        return ImageCaptionDataset(items, self.image_root, self._transform(train), self.strict)
-
-    def _predict_split(self) -> ImageCaptionDataset:
-        if self.predict_dir is None:
-            if self.files["test"] is None:
-                raise ConfigError("data.predict_dir: not set, and data.test_file is null: nothing to predict")
-            return self._annotated_split("test")
-        if not self.predict_dir.is_dir():
-            raise FileNotFoundError(f"data.predict_dir: {self.predict_dir} does not exist")
-        names = sorted(
-            p.relative_to(self.predict_dir).as_posix()
-            for p in self.predict_dir.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        super().__init__(
+            root=root,
+            files={"train": train_file, "val": val_file, "test": test_file},
+            media_root=image_root,
+            predict_dir=predict_dir,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            skip_bad_samples=skip_bad_samples,
+            image_size=image_size,
+            generate=generate,
         )
-        if not names:
-            raise ConfigError(f"data.predict_dir: {self.predict_dir} holds no {'/'.join(sorted(IMAGE_SUFFIXES))} files")
-        items = [ImageItem(name, (), name) for name in names]
-        return ImageCaptionDataset(items, self.predict_dir, self._transform(False), self.strict)
+        self.image_root = self.media_root
 
-    def _loader(self, split: str, batch_size: int) -> DataLoader | list:
-        if split not in self.datasets:
-            self.setup(SPLIT_STAGE[split])
-        if split not in self.datasets:  # its file is null: Lightning skips an empty list of loaders
-            return []
-        dataset = self.datasets[split]
-        dataset.transform = self._transform(split == "train")  # the model may have changed since setup
-        probe = dataset.transform(Image.new("RGB", (self.image_size, self.image_size), BACKGROUND))
-        collate = CaptionCollate(tuple(probe.shape))  # [C, H, W] of an all-bad batch's empty pixels
-        return make_loader(dataset, batch_size, split == "train", self.num_workers, self.pin_memory, collate)
-
-    def train_dataloader(self) -> DataLoader | list:
-        return self._loader("train", self.batch_size)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader | list:
-        return self._loader("test", self.eval_batch_size)
-
-    def predict_dataloader(self) -> DataLoader | list:
-        return self._loader("predict", self.eval_batch_size)
-
-    def summary(self) -> str:
-        """One line for logs: samples per split and the bad records skipped (per file when there are any)."""
-        sizes = ", ".join(f"{split} {len(ds)}" for split, ds in self.datasets.items()) or "no split set up"
-        text = f"{self.root}: {sizes} samples; {self.num_bad_records} bad records skipped"
-        per_file = [f"{Path(f).name}: {n}" for f, n in self.bad_records_per_file.items() if n]
-        return f"{text} ({', '.join(per_file)})" if per_file else text
+    def _dataset(self, items: list[CaptionItem], media_root: Path, transform: Transform, train: bool) -> Dataset:
+        return ImageCaptionDataset(items, media_root, transform, self.strict)

@@ -193,11 +193,32 @@ def caption_states_motion(caption: str, facts: dict[str, Any] | Clip, with_speed
     of every moving object.
     """
     clip = facts if isinstance(facts, Clip) else Clip.from_facts(facts)
+    verdicts = _verdicts(caption, clip, with_speed)
+    return (
+        verdicts is not None
+        and set(verdicts) == {(m.obj.color, m.obj.shape) for m in clip.objects}
+        and all(verdicts.values())
+    )
+
+
+def objects_with_motion_stated(caption: str, facts: dict[str, Any] | Clip) -> tuple[int, int]:
+    """``(right, total)``: how many of the clip's objects the caption names (colour and shape) with their motion
+    stated as :func:`caption_states_motion` requires, out of how many there are. A softer score than the
+    whole-caption check: it gives credit for one object right when another is missed."""
+    clip = facts if isinstance(facts, Clip) else Clip.from_facts(facts)
+    verdicts = _verdicts(caption, clip, with_speed=False) or {}
+    return sum(verdicts.get((m.obj.color, m.obj.shape), False) for m in clip.objects), len(clip.objects)
+
+
+def _verdicts(caption: str, clip: Clip, with_speed: bool) -> dict[tuple[str, str], bool] | None:
+    """Per named (colour, shape): is what the caption says of it right? ``None`` when it names a shape the clip
+    does not hold (a wrong colour or shape)."""
     by_kind = {(m.obj.color, m.obj.shape): m for m in clip.objects}
     words = re.sub(r"[^a-z]+", " ", caption.lower()).split()
     mentions = _mentions(words)
-    if {(c, s) for _, c, s, _ in mentions} != set(by_kind):
-        return False  # an object missing, or a shape of a wrong or unstated colour
+    if any((c, s) not in by_kind for _, c, s, _ in mentions):
+        return None
+    verdicts: dict[tuple[str, str], bool] = {}
     ends = [i for i, *_ in mentions[1:]] + [len(words)]
     for (i, color, shape, size), end in zip(mentions, ends):
         m = by_kind[(color, shape)]
@@ -206,11 +227,10 @@ def caption_states_motion(caption: str, facts: dict[str, Any] | Clip, with_speed
         if any(a == "not" and b in ("move", "moving") for a, b in itertools.pairwise(said)):
             kinds.add("still")
         speeds = {SPEED_WORDS[w] for w in said if w in SPEED_WORDS}
-        if (size and size != m.obj.size) or kinds != {m.motion} or speeds - {m.speed}:
-            return False
-        if with_speed and m.speed and not speeds:
-            return False
-    return True
+        right = not (size and size != m.obj.size) and kinds == {m.motion} and not speeds - {m.speed}
+        right = right and not (with_speed and m.speed and not speeds)
+        verdicts[(color, shape)] = verdicts.get((color, shape), True) and right
+    return verdicts
 
 
 def _encode(frames: list[Image.Image], path: Path, fps: int, codec: str) -> None:
