@@ -1,59 +1,57 @@
-"""Video captioning through the `vlgen` command: the tiny video config fits on synthetic clips it writes itself,
-trains the temporal modules and the bridge only, tests, and captions a folder of videos."""
+"""Video captioning through the `vlgen` command, as shipped: configs/tiny/video_evlgen.yaml from an empty directory
+writes its synthetic clips, fits (temporal modules and connector only), tests above a measured floor, and captions a
+folder of videos, skipping a broken one."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
-import yaml
-from cli_helpers import REPO, WORLD, run_dirs, tiny_encoder, tiny_lm, vlgen
+from cli_helpers import REPO, run_dirs, vlgen
+from test_grounding import cider
 
-CONFIG = REPO / "configs" / "tiny" / "video_evlgen.yaml"
-VIDEOS = {"seed": 0, "num_train": 24, "num_val": 8, "num_test": 8, "num_text": 600}  # a small moving-shapes world
+CONFIG = str(REPO / "configs" / "tiny" / "video_evlgen.yaml")
 
 
 @pytest.mark.slow
-def test_tiny_video_config_fits_tests_and_captions_a_folder(tmp_path, tiny_bert_dir):
-    shapes = {"class_path": "vlgen.data.synthetic.ShapesWorld", "init_args": WORLD}
-    videos = {"class_path": "vlgen.data.synthetic.MovingShapesWorld", "init_args": VIDEOS}
-    override = {
-        "trainer": {"max_steps": 6, "limit_val_batches": 1, "log_every_n_steps": 1},
-        "model": {
-            "init_args": {
-                "encoder": {"init_args": {"image": {"init_args": tiny_encoder(tmp_path, shapes)}}},
-                "bridge": {"init_args": {"bert": str(tiny_bert_dir)}},
-                "llm": {"init_args": tiny_lm(tmp_path, videos, steps=20)},
-            }
-        },
-        "data": {"init_args": {"root": str(tmp_path / "shapes"), "generate": videos, "batch_size": 8}},
-    }
-    (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
-    args = ["--config", str(CONFIG), "--config", str(tmp_path / "override.yaml"), "--data.init_args.num_workers", "0"]
-    proc = vlgen("fit", *args, cwd=tmp_path)
+def test_tiny_video_config_fits_tests_and_captions_a_folder(tmp_path):
+    """The floor is relative, as for images: the best of the test clips' own canonical captions said for every clip.
+    Measured (Python PTB tokenizer): that bar 0.913, the model 1.340 (1.47x); with the Java tokenizer the model
+    scores 1.332 and the image model on the middle frame 1.176 (bench/video_motion.py). The assertion asks for
+    1.3x. The whole fit, from nothing on disk, took 161 s here."""
+    start = time.perf_counter()
+    proc = vlgen("fit", "--config", CONFIG, "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    print(f"fit from an empty directory: {time.perf_counter() - start:.0f} s")
     assert "4 frames (headtail / uniform sampling, decord)" in proc.stderr
     assert "temporal contextualizer: 3 blocks of ResNet" in proc.stderr
-    run = run_dirs(tmp_path)[-1]
-    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt = run_dirs(tmp_path)[-1] / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     gates = {k: v for k, v in state.items() if k.endswith(".temporal.gate")}
     assert len(gates) == 3 and all(v.abs() > 0 for v in gates.values())  # trained away from the image model
     assert any(k.startswith("bridge.") for k in state)
     assert not any(k.startswith("llm.") or (k.startswith("encoder.") and ".temporal." not in k) for k in state)
 
-    vlgen("test", *args, "--ckpt_path", str(ckpt), cwd=tmp_path)
-    scores = json.loads((run_dirs(tmp_path)[-1] / "metrics.json").read_text())
-    assert {"CIDEr", "Bleu_4"} <= set(scores)
+    vlgen("test", "--config", CONFIG, "--ckpt_path", str(ckpt), cwd=tmp_path)
+    predictions = [json.loads(line) for line in open(run_dirs(tmp_path)[-1] / "predictions.jsonl")]
+    assert len(predictions) == 128
+    references = [p["references"] for p in predictions]
+    model = cider([p["caption"] for p in predictions], references)
+    constant = max(cider([c] * len(references), references) for c in {refs[0] for refs in references})
+    print(f"CIDEr-D: model {model:.3f}, best constant caption {constant:.3f}")
+    assert model > 1.3 * constant
 
     folder = tmp_path / "clips"
     folder.mkdir()
     for name in ("test_000000.mp4", "test_000001.mp4"):
-        shutil.copy(tmp_path / "shapes" / "videos" / name, folder / name)
+        shutil.copy(tmp_path / "data" / "shapes-video" / "videos" / name, folder / name)
     (folder / "broken.mp4").write_bytes(b"not a video")
-    proc = vlgen("predict", *args, "--ckpt_path", str(ckpt), "--data.predict_dir", str(folder), cwd=tmp_path)
+    proc = vlgen(
+        "predict", "--config", CONFIG, "--ckpt_path", str(ckpt), "--data.predict_dir", str(folder), cwd=tmp_path
+    )
     assert "broken.mp4" in proc.stderr  # skipped and named, not fatal
     rows = [json.loads(line) for line in open(run_dirs(tmp_path)[-1] / "predictions.jsonl")]
     assert sorted(r["id"] for r in rows) == ["test_000000.mp4", "test_000001.mp4"]
-    assert all(isinstance(r["caption"], str) for r in rows)
+    assert all(isinstance(r["caption"], str) and r["caption"] for r in rows)
