@@ -51,8 +51,7 @@ def main() -> None:
     for workers in args.workers:
         vlgen_main([
             "fit", "--config", args.config, "--trainer.max_steps", str(args.steps), "--trainer.limit_val_batches", "0",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
-            "--trainer.logger", "false", "--trainer.callbacks+=__main__.LoaderWait",
+            "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=__main__.LoaderWait",
             "--data.init_args.num_workers", str(workers),
         ])  # fmt: skip
         runs = STAMPS[args.skip :]
