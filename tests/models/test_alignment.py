@@ -154,3 +154,20 @@ def test_connector_aligns_once_its_merge_ramp_reaches_the_teachers_count(tiny_be
     logged = capture(model)
     model.training_step(batch, 0)
     assert logged["train/align"] > 0
+
+
+def test_alignment_works_on_video_tokens(tiny_bert_dir, ckpt5, llm):
+    from vlgen.encoders import FrameEncoder, TemporalContextualizer
+    from vlgen.encoders.temporal import TemporalAttention
+
+    torch.manual_seed(0)
+    encoder = FrameEncoder(
+        TimmEncoder("vit_tiny_patch16_224", model_kwargs=VIT), TemporalContextualizer(hidden_dim=16, num_heads=2)
+    )  # 5 tokens per clip, as per image: the P-Former's 5 prompts still match
+    model = Captioner(encoder, LinearProjector(), llm, alignment=alignment(tiny_bert_dir, ckpt5, 5))
+    logged = capture(model)
+    clips = torch.randn(2, 4, 3, 32, 32)  # [B, T, C, H, W]
+    batch = {"pixels": clips, "captions": CAPTIONS, "references": [], "ids": [], "num_skipped": 0}
+    model.training_step(batch, 0).backward()
+    assert logged["train/align"] > 0
+    assert all(m.gate.grad is not None for m in model.modules() if isinstance(m, TemporalAttention))
