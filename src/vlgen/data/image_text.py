@@ -6,7 +6,8 @@ Training yields one sample per (image, caption) pair; validation, test and predi
 image with all of its captions as references (records are grouped by ``image_id``). Batches carry raw strings (the
 model tokenises) and images transformed as the model's encoder expects: the module asks the attached
 LightningModule for ``image_transform(train)``. Unusable records and unreadable images are skipped and counted
-(see :mod:`vlgen.data.common`, which also holds the split, loader and summary logic shared with the video module).
+(see :mod:`vlgen.data.common`); :mod:`vlgen.data.captions` holds the split, loader and summary logic shared with
+the video module.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlgen.data.common import BadFiles, CaptionDataModule, CaptionItem, CaptionSample, Transform
+from vlgen.data.captions import CaptionDataModule, CaptionItem, Transform
+from vlgen.data.common import BadFiles, CaptionSample
 from vlgen.data.synthetic.shapes import ShapesWorld
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})

@@ -4,7 +4,7 @@ Annotation files are a JSON list or JSONL of records with ``video`` (path relati
 string or a list) and an optional ``video_id`` (default: the video path). Training yields one sample per (video,
 caption) pair; validation, test and predict-from-test yield one sample per video with all of its captions as
 references (records are grouped by ``video_id``), exactly as the image module does (the shared logic lives in
-:mod:`vlgen.data.common`). Each sample decodes only ``num_frames`` frames (:mod:`vlgen.data.video_io`), chosen by
+:mod:`vlgen.data.captions`). Each sample decodes only ``num_frames`` frames (:mod:`vlgen.data.video_io`), chosen by
 ``train_sampling`` or ``eval_sampling``, and passes each frame through the model's per-frame ``image_transform(train)``
 with the same random draws for every frame of a clip (one crop, one flip per clip): pixels ``[T, C, H, W]``, batches
 ``[B, T, C, H, W]``. Unreadable, missing, empty or too short videos come back as ``None`` and are counted per batch.
@@ -21,7 +21,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
-from vlgen.data.common import BadFiles, CaptionDataModule, CaptionItem, CaptionSample, Transform
+from vlgen.data.captions import CaptionDataModule, CaptionItem, Transform
+from vlgen.data.common import BadFiles, CaptionSample
 from vlgen.data.synthetic.motion import MovingShapesWorld
 from vlgen.data.video_io import (
     SAMPLING_MODES,

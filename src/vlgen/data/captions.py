@@ -1,0 +1,201 @@
+"""The base of the caption data modules: splits from annotation files, predict from a folder, loaders.
+
+:class:`CaptionDataModule` holds what the image- and video-caption modules do alike: splits from annotation files
+grouped by :func:`caption_items` (one sample per caption for training, one per image or video with every caption as
+references for evaluation), predict from a folder (:func:`media_files`), transforms asked of the attached model,
+loaders and the summary line. A subclass says how one sample is loaded (:meth:`CaptionDataModule._dataset`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import lightning.pytorch as pl
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from vlgen.data.common import BadRecords, CaptionCollate, clean_captions, make_loader, read_records, require_file
+from vlgen.errors import ConfigError
+
+log = logging.getLogger(__name__)
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+SPLIT_STAGE = {"train": "fit", "val": "validate", "test": "test", "predict": "predict"}
+Transform = Callable[[Image.Image], Any]
+
+
+class CaptionItem(NamedTuple):
+    """One sample before loading: media path (relative to the media root), its captions, its id."""
+
+    path: str
+    captions: tuple[str, ...]
+    id: str
+
+
+def caption_items(path: Path, field: str, train: bool, bad: BadRecords) -> list[CaptionItem]:
+    """The samples of an annotation file whose records name their image or video in ``field``.
+
+    Training yields one item per (media, caption) pair; evaluation one item per ``{field}_id`` (default: the media
+    path) with the captions of all its records as references, in order of first appearance.
+    """
+    items: list[CaptionItem] = []
+    groups: dict[str, tuple[str, list[str]]] = {}  # media id -> (media path, every caption of it)
+    for where, record in read_records(path, bad):
+        media = record.get(field)
+        if not isinstance(media, str) or not media.strip():
+            bad(where, f"no '{field}' field")
+            continue
+        caps = clean_captions(record.get("caption"), where, bad)
+        media_id = str(record.get(f"{field}_id", media))
+        if train:
+            items += [CaptionItem(media, (c,), media_id) for c in caps]
+        elif caps:
+            groups.setdefault(media_id, (media, []))[1].extend(caps)
+    return items + [CaptionItem(media, tuple(caps), media_id) for media_id, (media, caps) in groups.items()]
+
+
+def media_files(folder: Path, suffixes: frozenset[str], option: str) -> list[str]:
+    """Files below ``folder`` with one of ``suffixes`` (any case), relative and sorted; errors name ``option``."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{option}: {folder} does not exist")
+    found = (p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+    names = sorted(p.relative_to(folder).as_posix() for p in found)
+    if not names:
+        raise ConfigError(f"{option}: {folder} holds no {'/'.join(sorted(suffixes))} files")
+    return names
+
+
+def default_transform(image_size: int) -> Transform:
+    """Resize the short side, centre-crop, scale to [-1, 1]; used only when no model provides a transform."""
+    steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()]
+    return transforms.Compose([*steps, transforms.Normalize([0.5] * 3, [0.5] * 3)])
+
+
+class CaptionDataModule(pl.LightningDataModule):
+    """Caption splits from annotation files under one root, plus predict from a folder; the base of the image and
+    video modules, whose ``__init__`` documents the arguments. Subclasses set ``media_field`` (the record field naming
+    the file, ``"image"`` or ``"video"``) and ``media_suffixes`` and implement :meth:`_dataset`.
+    """
+
+    media_field: ClassVar[str]
+    media_suffixes: ClassVar[frozenset[str]]
+
+    def __init__(
+        self,
+        root: str,
+        files: dict[str, str | None],
+        media_root: str | None,
+        predict_dir: str | None,
+        batch_size: int,
+        eval_batch_size: int | None,
+        num_workers: int,
+        pin_memory: bool,
+        skip_bad_samples: bool,
+        image_size: int,
+        generate: Any = None,
+    ) -> None:
+        super().__init__()
+        self.root, self.files = Path(root), files
+        self.media_root = Path(media_root) if media_root else self.root
+        self.predict_dir = Path(predict_dir) if predict_dir else None
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.strict, self.image_size, self.generate = not skip_bad_samples, image_size, generate
+        self.bad_records_per_file: dict[str, int] = {}
+        self.datasets: dict[str, Any] = {}  # split -> a Dataset with a settable ``transform``
+        self._transforms: tuple[Transform, Transform] | None = None
+        if generate is None:
+            for option, path in (("data.root", self.root), (f"data.{self.media_field}_root", self.media_root)):
+                if not path.is_dir():
+                    raise FileNotFoundError(f"{option}: {path} does not exist")
+
+    def _dataset(self, items: list[CaptionItem], media_root: Path, transform: Transform, train: bool) -> Dataset:
+        """The dataset loading ``items`` (it must keep ``transform`` in a ``transform`` attribute)."""
+        raise NotImplementedError
+
+    def _pixel_shape(self, transform: Transform) -> tuple[int, ...]:
+        """Shape of one sample's pixels under ``transform`` (``[C, H, W]`` for an image)."""
+        return tuple(transform(Image.new("RGB", (self.image_size, self.image_size))).shape)
+
+    @property
+    def num_bad_records(self) -> int:
+        """Annotation records skipped so far, over all files read (per file: ``bad_records_per_file``)."""
+        return sum(self.bad_records_per_file.values())
+
+    def prepare_data(self) -> None:
+        if self.generate is not None:
+            self.generate.write(self.root)
+
+    def set_transforms(self, train_tf: Transform, eval_tf: Transform) -> None:
+        """Use these transforms instead of asking the LightningModule (for use outside a Trainer)."""
+        self._transforms = (train_tf, eval_tf)
+
+    def _transform(self, train: bool) -> Transform:
+        if self._transforms is not None:
+            return self._transforms[0 if train else 1]
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and callable(getattr(module, "image_transform", None)):
+            return module.image_transform(train)
+        return default_transform(self.image_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.generate is not None:
+            self.generate.write(self.root)  # a no-op when prepare_data (or another process) already wrote it
+        for split in STAGE_SPLITS.get(stage or "", ("train", "val", "test")):
+            if split in self.datasets:
+                self.datasets[split].transform = self._transform(split == "train")
+            elif split == "predict":
+                self.datasets[split] = self._predict_split()
+            elif self.files[split] is not None:
+                self.datasets[split] = self._annotated_split(split)
+        log.info("data: %s", self.summary())
+
+    def _annotated_split(self, split: str) -> Dataset:
+        option = f"data.{split}_file"
+        path = require_file(self.root / str(self.files[split]), option)
+        bad = BadRecords(path, self.strict)
+        items = caption_items(path, self.media_field, split == "train", bad)
+        self.bad_records_per_file[str(path)] = bad.count
+        if not items:
+            raise ConfigError(f"{option}: {path} holds no usable records ({bad.count} skipped)")
+        return self._dataset(items, self.media_root, self._transform(split == "train"), split == "train")
+
+    def _predict_split(self) -> Dataset:
+        if self.predict_dir is None:
+            if self.files["test"] is None:
+                raise ConfigError("data.predict_dir: not set, and data.test_file is null: nothing to predict")
+            return self._annotated_split("test")
+        names = media_files(self.predict_dir, self.media_suffixes, "data.predict_dir")
+        return self._dataset([CaptionItem(n, (), n) for n in names], self.predict_dir, self._transform(False), False)
+
+    def _loader(self, split: str, batch_size: int) -> DataLoader | list:
+        if split not in self.datasets:
+            self.setup(SPLIT_STAGE[split])
+        if split not in self.datasets:  # its file is null: Lightning skips an empty list of loaders
+            return []
+        dataset = self.datasets[split]
+        dataset.transform = self._transform(split == "train")  # the model may have changed since setup
+        collate = CaptionCollate(self._pixel_shape(dataset.transform))  # the pixels of an all-bad batch
+        return make_loader(dataset, batch_size, split == "train", self.num_workers, self.pin_memory, collate)
+
+    def train_dataloader(self) -> DataLoader | list:
+        return self._loader("train", self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._loader("test", self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._loader("predict", self.eval_batch_size)
+
+    def summary(self) -> str:
+        """One line for logs: samples per split and the bad records skipped (per file when there are any)."""
+        sizes = ", ".join(f"{split} {len(ds)}" for split, ds in self.datasets.items()) or "no split set up"
+        text = f"{self.root}: {sizes} samples; {self.num_bad_records} bad records skipped"
+        per_file = [f"{Path(f).name}: {n}" for f, n in self.bad_records_per_file.items() if n]
+        return f"{text} ({', '.join(per_file)})" if per_file else text
