@@ -9,6 +9,7 @@ loaders and the summary line. A subclass says how one sample is loaded (:meth:`C
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -74,7 +75,7 @@ def default_transform(image_size: int) -> Transform:
     return transforms.Compose([*steps, transforms.Normalize([0.5] * 3, [0.5] * 3)])
 
 
-class CaptionDataModule(pl.LightningDataModule):
+class CaptionDataModule(pl.LightningDataModule, ABC):
     """Caption splits from annotation files under one root, plus predict from a folder; the base of the image and
     video modules, whose ``__init__`` documents the arguments. Subclasses set ``media_field`` (the record field naming
     the file, ``"image"`` or ``"video"``) and ``media_suffixes`` and implement :meth:`_dataset`.
@@ -112,9 +113,9 @@ class CaptionDataModule(pl.LightningDataModule):
                 if not path.is_dir():
                     raise FileNotFoundError(f"{option}: {path} does not exist")
 
+    @abstractmethod
     def _dataset(self, items: list[CaptionItem], media_root: Path, transform: Transform, train: bool) -> Dataset:
         """The dataset loading ``items`` (it must keep ``transform`` in a ``transform`` attribute)."""
-        raise NotImplementedError
 
     def _pixel_shape(self, transform: Transform) -> tuple[int, ...]:
         """Shape of one sample's pixels under ``transform`` (``[C, H, W]`` for an image)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,7 @@ def require_package(module: str, backend: str) -> ModuleType:
         ) from None
 
 
-class FrameReader:
+class FrameReader(ABC):
     """Decodes the chosen frames of a video file; subclasses implement :meth:`_read` for one library."""
 
     name: ClassVar[str]  # the backend's name in the config
@@ -126,8 +127,9 @@ class FrameReader:
         except (OSError, ValueError, IndexError, RuntimeError, getattr(lib, self.error_name)) as err:
             raise VideoError(f"cannot decode with {self.name}: {type(err).__name__}: {err}") from err
 
+    @abstractmethod
     def _read(self, lib: ModuleType, path: str, choose: Chooser) -> np.ndarray:
-        raise NotImplementedError
+        """Decode the frames ``choose(frame_count)`` names from ``path`` with the imported library ``lib``."""
 
 
 class DecordReader(FrameReader):
