@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,3 +44,26 @@ def tiny_lm(work: Path, world: dict, steps: int) -> dict:
         "name_or_path": str(work / "lm"),
         "build_if_missing": {"class_path": "vlgen.data.synthetic.tiny_lm.ShapesTinyLM", "init_args": recipe},
     }
+
+
+def cider(captions: list[str], references: list[list[str]]) -> float:
+    """CIDEr-D of ``captions`` against ``references`` (pycocoevalcap, on the Python PTB tokenizer's output)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    from vlgen.metrics.captioning import simple_ptb_tokenize
+
+    gts = {i: [simple_ptb_tokenize(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [simple_ptb_tokenize(c)] for i, c in enumerate(captions)}
+    return float(Cider().compute_score(gts, res)[0])
+
+
+def model_and_best_constant_cider(run: Path, count: int) -> tuple[float, float]:
+    """CIDEr-D of the ``count`` test predictions in ``run`` and of the best caption said for every sample (the best
+    of the samples' own first references): the bar a captioner that ignores its input cannot pass."""
+    predictions = [json.loads(line) for line in open(run / "predictions.jsonl")]
+    assert len(predictions) == count
+    references = [p["references"] for p in predictions]
+    model = cider([p["caption"] for p in predictions], references)
+    constant = max(cider([c] * len(references), references) for c in {refs[0] for refs in references})
+    print(f"CIDEr-D: model {model:.3f}, best constant caption {constant:.3f}")
+    return model, constant

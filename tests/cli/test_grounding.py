@@ -2,20 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from cli_helpers import REPO, run_dirs, vlgen
-
-from vlgen.metrics.captioning import simple_ptb_tokenize
-
-
-def cider(captions: list[str], references: list[list[str]]) -> float:
-    from pycocoevalcap.cider.cider import Cider
-
-    gts = {i: [simple_ptb_tokenize(r) for r in refs] for i, refs in enumerate(references)}
-    res = {i: [simple_ptb_tokenize(c)] for i, c in enumerate(captions)}
-    return float(Cider().compute_score(gts, res)[0])
+from cli_helpers import REPO, model_and_best_constant_cider, run_dirs, vlgen
 
 
 @pytest.mark.slow
@@ -30,10 +18,5 @@ def test_tiny_linear_config_beats_every_constant_caption(tmp_path):
     vlgen("fit", "--config", config, cwd=tmp_path)
     ckpt = run_dirs(tmp_path)[-1] / "checkpoints" / "last.ckpt"
     vlgen("test", "--config", config, "--ckpt_path", str(ckpt), cwd=tmp_path)
-    predictions = [json.loads(line) for line in open(run_dirs(tmp_path)[-1] / "predictions.jsonl")]
-    assert len(predictions) == 128
-    references = [p["references"] for p in predictions]
-    model = cider([p["caption"] for p in predictions], references)
-    constant = max(cider([c] * len(references), references) for c in {refs[0] for refs in references})
-    print(f"CIDEr-D: model {model:.3f}, best constant caption {constant:.3f}")
+    model, constant = model_and_best_constant_cider(run_dirs(tmp_path)[-1], count=128)
     assert model > 1.4 * constant

@@ -10,8 +10,7 @@ import time
 
 import pytest
 import torch
-from cli_helpers import REPO, run_dirs, vlgen
-from test_grounding import cider
+from cli_helpers import REPO, model_and_best_constant_cider, run_dirs, vlgen
 
 CONFIG = str(REPO / "configs" / "tiny" / "video_evlgen.yaml")
 
@@ -35,12 +34,7 @@ def test_tiny_video_config_fits_tests_and_captions_a_folder(tmp_path):
     assert not any(k.startswith("llm.") or (k.startswith("encoder.") and ".temporal." not in k) for k in state)
 
     vlgen("test", "--config", CONFIG, "--ckpt_path", str(ckpt), cwd=tmp_path)
-    predictions = [json.loads(line) for line in open(run_dirs(tmp_path)[-1] / "predictions.jsonl")]
-    assert len(predictions) == 128
-    references = [p["references"] for p in predictions]
-    model = cider([p["caption"] for p in predictions], references)
-    constant = max(cider([c] * len(references), references) for c in {refs[0] for refs in references})
-    print(f"CIDEr-D: model {model:.3f}, best constant caption {constant:.3f}")
+    model, constant = model_and_best_constant_cider(run_dirs(tmp_path)[-1], count=128)
     assert model > 1.3 * constant
 
     folder = tmp_path / "clips"
