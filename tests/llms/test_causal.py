@@ -142,3 +142,28 @@ def test_sentence_layout_batched_generation_equals_one_by_one(sentence_llm):
     batched = sentence_llm.generate(prompts, mask, prefixes)
     single = [sentence_llm.generate(prompts[i : i + 1, : int(mask[i].sum())], None, [prefixes[i]])[0] for i in range(3)]
     assert batched == single
+
+
+def test_context_text_goes_before_the_prompts(tiny_llm_dir):
+    """``[context][prompts][prefix][target][eos]``: the loss is the plain LM's on that sequence, and batched
+    generation with padded prompts equals one by one."""
+    llm = CausalLM(str(tiny_llm_dir), decoding=Decoding(max_new_tokens=6), context="a picture")
+    tok, embed = llm.tokenizer, llm.model.get_input_embeddings()
+    torch.manual_seed(6)
+    prompts = torch.randn(1, 3, 64)
+    context = tok("a picture", add_special_tokens=False).input_ids
+    prefix = tok("a photo of").input_ids
+    target = [*tok(" a red circle", add_special_tokens=False).input_ids, tok.eos_token_id]
+    embeds = torch.cat([embed(torch.tensor([context])), prompts, embed(torch.tensor([prefix + target]))], 1)
+    logits = llm.model(inputs_embeds=embeds).logits[0]
+    start = len(context) + 3 + len(prefix)
+    manual = torch.nn.functional.cross_entropy(logits[start - 1 : -1], torch.tensor(target))
+    assert torch.allclose(llm.loss(prompts, None, ["a photo of"], ["a red circle"]), manual, atol=1e-5)
+    without = CausalLM(str(tiny_llm_dir), decoding=Decoding(max_new_tokens=6))
+    assert not torch.allclose(without.loss(prompts, None, ["a photo of"], ["a red circle"]), manual, atol=1e-3)
+    prompts = torch.randn(2, 4, 64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    batched = llm.generate(prompts, mask, ["a photo of", ""])
+    assert batched == [
+        llm.generate(prompts[i : i + 1, : int(mask[i].sum())], None, [p])[0] for i, p in enumerate(["a photo of", ""])
+    ]

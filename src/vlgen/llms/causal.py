@@ -5,6 +5,8 @@ the prefix keeps its BOS), or with ``prompt_layout: sentence`` ``[bos][prompts][
 tokens][eos]``, where the prompts stand where an earlier sentence of the document would; the loss covers the target
 tokens and the end-of-sequence token only. Generation input is the same without the target, padded on the left so
 every sequence ends at the last position (position ids then follow the attention mask, as ``generate`` expects).
+A ``context`` text goes before the prompts in either layout (after the BOS in ``sentence``): a chat model's turn
+opening, as LLaVA-style models place the picture inside a user message.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class CausalLM(HFLanguageModel):
         prompt_layout: ``prepend`` puts the prompts before all text (BLIP-2 with OPT); ``sentence`` puts them
             after the BOS token and closes them with an EOS token, like a first sentence, which LMs that never saw
             text before their BOS token (e.g. the tiny world LM) read far better.
+        context: text placed before the prompts, tokenised as written (no special tokens added), e.g. an instruct
+            model's ``"<|im_start|>user\\n"``; the model's ``prompt`` text then closes the turn after the prompts.
     """
 
     auto_class = transformers.AutoModelForCausalLM
@@ -53,9 +57,12 @@ class CausalLM(HFLanguageModel):
         max_target_tokens: int = 64,
         build_if_missing: ModelRecipe | None = None,
         prompt_layout: Literal["prepend", "sentence"] = "prepend",
+        context: str = "",
     ) -> None:
         super().__init__(name_or_path, gguf_file, dtype, frozen, decoding, max_target_tokens, build_if_missing)
         self.prompt_layout = prompt_layout
+        self.context = context
+        self._context_ids: list[int] = self.tokenizer(context, add_special_tokens=False).input_ids if context else []
         # HF causal LMs can project only the last positions to the vocabulary (the name changed in 4.50).
         params = inspect.signature(self.model.forward).parameters
         self._keep_arg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
@@ -68,16 +75,18 @@ class CausalLM(HFLanguageModel):
         return self.tokenizer(prefix, add_special_tokens=True).input_ids if prefix else self._bos()
 
     def _head(self, prompts: Tensor, prompt_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The prompts as the LM reads them, ``[B, H + M, D]``, and their mask: with a BOS first in ``sentence``."""
+        """The prompts as the LM reads them, ``[B, H + M, D]``, and their mask: after the BOS in ``sentence`` and the
+        context, if any."""
         mask = all_real(prompt_mask, prompts).long()
         prompts = prompts.to(self.dtype)
-        if self.prompt_layout == "prepend":
+        head = list(self._context_ids)
+        if self.prompt_layout == "sentence":  # the document's start: the declared BOS, whatever the tokenizer adds
+            bos_id = self.tokenizer.bos_token_id
+            head = ([] if bos_id is None else [bos_id]) + head
+        if not head:
             return prompts, mask
-        # The document's start: the declared BOS token, whether or not the tokenizer adds it on its own.
-        bos_id = self.tokenizer.bos_token_id
-        bos = torch.tensor([] if bos_id is None else [bos_id], dtype=torch.long, device=prompts.device)
-        start = self._embed(bos).expand(len(prompts), -1, -1)
-        return torch.cat([start, prompts], dim=1), torch.cat([mask.new_ones(len(prompts), len(bos)), mask], dim=1)
+        start = self._embed(torch.tensor(head, dtype=torch.long, device=prompts.device)).expand(len(prompts), -1, -1)
+        return torch.cat([start, prompts], dim=1), torch.cat([mask.new_ones(len(prompts), len(head)), mask], dim=1)
 
     def _bos(self) -> list[int]:
         ids = self.tokenizer("", add_special_tokens=True).input_ids
@@ -123,19 +132,20 @@ class CausalLM(HFLanguageModel):
     @torch.no_grad()
     def generate(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str]) -> list[str]:
         prompts, pmask = self._head(prompts, prompt_mask)
-        batch, num_prompts, width = prompts.shape
+        batch, _, width = prompts.shape
+        # Each row keeps only its real prompts, so the sequence ends on a real token even with an empty prefix.
+        real = [prompts[i][pmask[i].bool()] for i in range(batch)]
         rows = [self._prefix_ids(p) for p in prefixes]
-        length = num_prompts + max(len(r) for r in rows)
+        length = max(len(r) + len(p) for r, p in zip(rows, real))
         device = prompts.device
         embeds = prompts.new_zeros(batch, length, width, dtype=self.dtype)  # left-padded [B, M + L, D]
         mask = torch.zeros(batch, length, dtype=torch.long, device=device)
         for i, row in enumerate(rows):
-            start = length - num_prompts - len(row)
-            embeds[i, start : start + num_prompts] = prompts[i]
-            mask[i, start : start + num_prompts] = pmask[i]
+            start = length - len(real[i]) - len(row)
+            embeds[i, start : start + len(real[i])] = real[i]
             if row:
-                embeds[i, start + num_prompts :] = self._embed(torch.tensor(row, device=device))
-                mask[i, start + num_prompts :] = 1
+                embeds[i, start + len(real[i]) :] = self._embed(torch.tensor(row, device=device))
+            mask[i, start:] = 1
         out = self.model.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
