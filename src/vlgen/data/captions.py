@@ -21,6 +21,7 @@ from torchvision import transforms
 
 from vlgen.data.common import BadRecords, CaptionCollate, clean_captions, make_loader, read_records, require_file
 from vlgen.errors import ConfigError
+from vlgen.loading import package_path
 
 log = logging.getLogger(__name__)
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
@@ -101,7 +102,7 @@ class CaptionDataModule(pl.LightningDataModule, ABC):
         super().__init__()
         self.root, self.files = Path(root), files
         self.media_root = Path(media_root) if media_root else self.root
-        self.predict_dir = Path(predict_dir) if predict_dir else None
+        self.predict_dir = Path(package_path(predict_dir, "data.predict_dir")) if predict_dir else None
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.strict, self.image_size, self.generate = not skip_bad_samples, image_size, generate

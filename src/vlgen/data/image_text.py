@@ -64,7 +64,8 @@ class ImageTextDataModule(CaptionDataModule):
         val_file: validation annotations (null: no validation).
         test_file: test annotations.
         image_root: directory the image paths of the annotations are relative to (default: ``root``).
-        predict_dir: a folder of images to caption with ``vlgen predict`` (default: the test split).
+        predict_dir: a folder of images to caption with ``vlgen predict`` (default: the test split);
+            ``pkg:NAME/SUBDIR`` is a folder of an installed package, e.g. ``pkg:skimage/data`` (sample photos).
         batch_size: training batch size per device.
         eval_batch_size: validation / test / predict batch size per device (default: ``batch_size``).
         num_workers: dataloader worker processes.

@@ -122,7 +122,7 @@ class VideoTextDataModule(CaptionDataModule):
         test_file: test annotations.
         video_root: directory the video paths of the annotations are relative to (default: ``root``).
         predict_dir: a folder of videos (.mp4 .avi .mkv .webm .mov .m4v) to caption with ``vlgen predict``
-            (default: the test split).
+            (default: the test split; ``pkg:NAME/SUBDIR`` as for images).
         num_frames: frames per clip.
         train_sampling: how training clips choose their frames: ``headtail`` (half from each half of the video, as
             EVLGen), ``random`` (one random frame per equal segment) or ``uniform`` (segment centres).
