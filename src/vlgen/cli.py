@@ -10,6 +10,8 @@ Models and data modules are chosen in YAML with ``class_path`` / ``init_args``; 
   OUT.ckpt``.
 * ``vlgen convert to-hf-blip2 CKPT OUT_DIR --config CONFIG.yaml``: rebuild the model of ``CONFIG.yaml``, load
   ``CKPT`` and write a ``Blip2ForConditionalGeneration`` directory with its processor.
+* ``vlgen report RUN_DIR [--world ROOT]``: what a test run scored, a few captions, and on a synthetic world the
+  share of captions that state the world's ground-truth facts (:mod:`vlgen.report`).
 
 A configuration mistake (an unknown key, a path that does not exist) stops the run with one line naming it.
 """
@@ -27,7 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from vlgen.errors import ConfigError
 
-EXTRA_VERBS = ("make-world", "convert")
+EXTRA_VERBS = ("make-world", "convert", "report")
 
 
 class VLGenCLI(LightningCLI):
@@ -104,6 +106,11 @@ def main(argv: list[str] | None = None) -> None:
             return
         if argv and argv[0] == "convert":
             convert(argv[1:])
+            return
+        if argv and argv[0] == "report":
+            from vlgen.report import main as report
+
+            report(argv[1:])
             return
         VLGenCLI(
             LightningModule,
