@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from vlgen.data.synthetic.shapes import COLORS, SHAPES, SIZES, Scene, ShapesWorld, render
 from vlgen.loading import EncoderRecipe
@@ -104,7 +105,7 @@ class ShapesTinyEncoder(EncoderRecipe):
             for p in params:
                 p.requires_grad_(True)
             loss = torch.tensor(float("nan"))
-            for _ in range(self.steps):
+            for _ in tqdm(range(self.steps), desc="pre-training the tiny encoder", unit="step", mininterval=1.0):
                 pick = torch.randint(len(pixels), (self.batch_size,), generator=gen)
                 loss = F.binary_cross_entropy_with_logits(logits(pixels[pick]), targets[pick])
                 opt.zero_grad()
