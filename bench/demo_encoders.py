@@ -1,6 +1,6 @@
 """Which vision encoder the demo should train: timm's small CNN or its small ViT, same recipe, same budget.
 
-    python bench/demo_encoders.py                    # encoder level, ~1 min: held-out exact-set accuracy and time
+    python bench/demo_encoders.py                    # encoder level, ~2 min: held-out exact-set accuracy, time
     python bench/demo_encoders.py --captions DIR     # also the demo's captioner on a frozen random ViT (~15 min)
 
 No pretrained vision weights are reachable offline, so the demo (configs/demo/shapes_smollm2.yaml) pre-trains its
@@ -47,22 +47,28 @@ model:
 """
 
 
-def encoder_level() -> None:
+def encoder_level(seeds: list[int]) -> None:
     from vlgen.data.synthetic import ShapesWorld
     from vlgen.data.synthetic.tiny_encoder import ShapesTinyEncoder
     from vlgen.encoders import TimmEncoder
 
     world = ShapesWorld(seed=0)
-    print(f"{'encoder':<44} {'held-out exact-set accuracy':>28} {'time':>8}")
+    print(f"{'encoder':<44} {'init seed':>9} {'held-out exact-set accuracy':>28} {'time':>6}")
     for label, (name, kwargs, recipe_kwargs) in CANDIDATES.items():
-        recipe = ShapesTinyEncoder(world, **recipe_kwargs)
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            TimmEncoder(
-                name, checkpoint_path=f"{tmp}/e.pth", build_if_missing=recipe, model_kwargs=kwargs, transform=TRANSFORM
-            )
-        seconds = time.perf_counter() - start
-        print(f"{label:<44} {100 * recipe.held_out_accuracy:>27.1f}% {seconds:>7.0f}s")
+        for seed in seeds:
+            recipe = ShapesTinyEncoder(world, **recipe_kwargs)
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                TimmEncoder(
+                    name,
+                    checkpoint_path=f"{tmp}/e.pth",
+                    build_if_missing=recipe,
+                    model_kwargs=kwargs,
+                    transform=TRANSFORM,
+                    init_seed=seed,
+                )
+            seconds = time.perf_counter() - start
+            print(f"{label:<44} {seed:>9} {100 * recipe.held_out_accuracy:>27.1f}% {seconds:>5.0f}s")
 
 
 def caption_level(work: Path) -> None:
@@ -81,8 +87,9 @@ def caption_level(work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=Path, default=None, help="also run the random-ViT captioner in this dir")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="initialisations of each encoder")
     args = parser.parse_args()
-    encoder_level()
+    encoder_level(args.seeds)
     if args.captions is not None:
         caption_level(args.captions)
 
