@@ -29,9 +29,15 @@ METRICS = ("CIDEr", "Bleu_4", "Bleu_1", "METEOR", "ROUGE_L")
 class FactScore:
     """How many captions state their image's facts, and which."""
 
-    correct: int
-    total: int
     right: dict[str, bool] = field(default_factory=dict)  # id -> whether its caption states the facts
+
+    @property
+    def correct(self) -> int:
+        return sum(self.right.values())
+
+    @property
+    def total(self) -> int:
+        return len(self.right)
 
     @property
     def accuracy(self) -> float:
@@ -63,7 +69,7 @@ def fact_accuracy(predictions: list[dict[str, Any]], world_root: str | Path, spl
         where = root / f"{split}.json"
         raise ConfigError(f"--world: {len(unknown)} predicted ids are not in {where}, e.g. {unknown[0]}")
     right = {p["id"]: check(p["caption"], facts[p["id"]]) for p in predictions}
-    return FactScore(sum(right.values()), len(right), right)
+    return FactScore(right)
 
 
 def render_report(run_dir: str | Path, world_root: str | Path | None = None, samples: int = 6) -> str:
