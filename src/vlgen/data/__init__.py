@@ -14,6 +14,7 @@ from vlgen.data.image_text import ImageTextDataModule
 from vlgen.data.synthetic import ShapesWorld
 from vlgen.data.text import TextCorpusDataModule
 from vlgen.data.video_text import VideoTextDataModule
+from vlgen.data.webdataset import ImageShardDataModule, Source, TextShardDataModule, VideoShardDataModule
 
 __all__ = [
     "BadFiles",
@@ -21,9 +22,13 @@ __all__ = [
     "BadSample",
     "CaptionCollate",
     "CaptionSample",
+    "ImageShardDataModule",
     "ImageTextDataModule",
     "ShapesWorld",
+    "Source",
     "TextCorpusDataModule",
+    "TextShardDataModule",
+    "VideoShardDataModule",
     "VideoTextDataModule",
     "drop_bad",
     "make_loader",

@@ -76,6 +76,19 @@ def default_transform(image_size: int) -> Transform:
     return transforms.Compose([*steps, transforms.Normalize([0.5] * 3, [0.5] * 3)])
 
 
+def choose_transform(
+    datamodule: pl.LightningDataModule, train: bool, fixed: tuple[Transform, Transform] | None, image_size: int
+) -> Transform:
+    """The per-image transform of a data module: ``fixed`` (train, eval) if set, else the attached model's
+    ``image_transform(train)``, else :func:`default_transform`."""
+    if fixed is not None:
+        return fixed[0 if train else 1]
+    module = datamodule.trainer.lightning_module if datamodule.trainer is not None else None
+    if module is not None and callable(getattr(module, "image_transform", None)):
+        return module.image_transform(train)
+    return default_transform(image_size)
+
+
 class CaptionDataModule(pl.LightningDataModule, ABC):
     """Caption splits from annotation files under one root, plus predict from a folder; the base of the image and
     video modules, whose ``__init__`` documents the arguments. Subclasses set ``media_field`` (the record field naming
@@ -136,12 +149,7 @@ class CaptionDataModule(pl.LightningDataModule, ABC):
         self._transforms = (train_tf, eval_tf)
 
     def _transform(self, train: bool) -> Transform:
-        if self._transforms is not None:
-            return self._transforms[0 if train else 1]
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is not None and callable(getattr(module, "image_transform", None)):
-            return module.image_transform(train)
-        return default_transform(self.image_size)
+        return choose_transform(self, train, self._transforms, self.image_size)
 
     def setup(self, stage: str | None = None) -> None:
         if self.generate is not None:

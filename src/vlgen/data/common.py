@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,18 @@ class BadFiles:
         if name not in self._seen:
             self._seen.add(name)
             log.warning("skipping unreadable file %s: %s: %s", name, type(err).__name__, err)
+
+
+def seeded_transform(transform: Callable[[Any], T], image: Any, seed: int) -> T:
+    """``transform(image)`` with Python's and torch's global generators seeded by ``seed`` for the call and restored
+    afterwards: a random augmentation that depends only on ``seed``, never on what ran before."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        out = transform(image)
+    random.setstate(state)
+    return out
 
 
 def drop_bad(samples: Sequence[T | None]) -> tuple[list[T], int]:

@@ -16,6 +16,7 @@ raises one line naming the extra to install.
 from __future__ import annotations
 
 import importlib
+import io
 import itertools
 import random
 from abc import ABC, abstractmethod
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import ClassVar, Literal
+from typing import BinaryIO, ClassVar, Literal
 
 import numpy as np
 
@@ -110,25 +111,26 @@ class FrameReader(ABC):
     def __init__(self) -> None:
         require_package(self.module, self.name)  # fail when the reader is made, not in a dataloader worker
 
-    def read(self, path: str | Path, choose: Chooser) -> np.ndarray:
-        """Open ``path``, call ``choose(frame_count)`` and return those frames as uint8 RGB ``[T, H, W, 3]``.
+    def read(self, path: str | Path | BinaryIO, choose: Chooser) -> np.ndarray:
+        """Open ``path`` (or a binary file object, e.g. a shard member in memory), call ``choose(frame_count)`` and
+        return those frames as uint8 RGB ``[T, H, W, 3]``.
 
         Raises:
             FileNotFoundError: ``path`` is not a file.
             VideoError: the file cannot be decoded, or ``choose`` refused it.
         """
-        if not Path(path).is_file():
+        if isinstance(path, (str, Path)) and not Path(path).is_file():
             raise FileNotFoundError(f"no such file: {path}")
         lib = require_package(self.module, self.name)
         try:
-            return self._read(lib, str(path), choose)
+            return self._read(lib, path if not isinstance(path, (str, Path)) else str(path), choose)
         except (VideoError, FileNotFoundError):
             raise
         except (OSError, ValueError, IndexError, RuntimeError, getattr(lib, self.error_name)) as err:
             raise VideoError(f"cannot decode with {self.name}: {type(err).__name__}: {err}") from err
 
     @abstractmethod
-    def _read(self, lib: ModuleType, path: str, choose: Chooser) -> np.ndarray:
+    def _read(self, lib: ModuleType, path: str | BinaryIO, choose: Chooser) -> np.ndarray:
         """Decode the frames ``choose(frame_count)`` names from ``path`` with the imported library ``lib``."""
 
 
@@ -137,7 +139,7 @@ class DecordReader(FrameReader):
 
     name, module, error_name = "decord", "decord", "DECORDError"
 
-    def _read(self, lib: ModuleType, path: str, choose: Chooser) -> np.ndarray:
+    def _read(self, lib: ModuleType, path: str | BinaryIO, choose: Chooser) -> np.ndarray:
         video = lib.VideoReader(path, ctx=lib.cpu(0), num_threads=1)
         indices = list(choose(len(video)))
         return video.get_batch(indices).asnumpy()  # [T, H, W, 3] uint8
@@ -152,7 +154,7 @@ class PyAVReader(FrameReader):
 
     name, module, error_name = "pyav", "av", "FFmpegError"
 
-    def _read(self, lib: ModuleType, path: str, choose: Chooser) -> np.ndarray:
+    def _read(self, lib: ModuleType, path: str | BinaryIO, choose: Chooser) -> np.ndarray:
         with lib.open(path) as container:
             if not container.streams.video:
                 raise VideoError("no video stream")
@@ -172,7 +174,9 @@ class PyAVReader(FrameReader):
         return np.stack([frames[i] for i in indices])  # T x [H, W, 3] -> [T, H, W, 3]
 
     @staticmethod
-    def _count_packets(lib: ModuleType, path: str) -> int:
+    def _count_packets(lib: ModuleType, path: str | BinaryIO) -> int:
+        if not isinstance(path, str):  # a second reader over the same bytes; the first is still decoding
+            path = io.BytesIO(path.getvalue())  # type: ignore[attr-defined]
         with lib.open(path) as container:
             return sum(1 for packet in container.demux(video=0) if packet.size)  # the flush packet is empty
 

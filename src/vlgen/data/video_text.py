@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
 from vlgen.data.captions import CaptionDataModule, CaptionItem, Transform
-from vlgen.data.common import BadFiles, CaptionSample
+from vlgen.data.common import BadFiles, CaptionSample, seeded_transform
 from vlgen.data.synthetic.motion import MovingShapesWorld
 from vlgen.data.video_io import (
     SAMPLING_MODES,
@@ -40,18 +40,10 @@ from vlgen.errors import ConfigError
 def transform_clip(frames: np.ndarray, transform: Transform, seed: int) -> Tensor:
     """Every frame of uint8 ``[T, H, W, 3]`` through ``transform`` with the same random draws -> ``[T, C, H, W]``.
 
-    Python's and torch's global generators are seeded with ``seed`` before each frame (and restored afterwards), so a
-    random crop or flip is the same for the whole clip.
+    Each frame is transformed with the generators seeded alike (:func:`seeded_transform`), so a random crop or flip
+    is the same for the whole clip.
     """
-    state = random.getstate()
-    out = []
-    with torch.random.fork_rng(devices=[]):
-        for frame in frames:
-            random.seed(seed)
-            torch.manual_seed(seed)
-            out.append(transform(Image.fromarray(frame)))
-    random.setstate(state)
-    return torch.stack(out)  # T x [C, H, W] -> [T, C, H, W]
+    return torch.stack([seeded_transform(transform, Image.fromarray(f), seed) for f in frames])  # [T, C, H, W]
 
 
 class VideoCaptionDataset(Dataset):

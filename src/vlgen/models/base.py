@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import nn
 
@@ -97,12 +99,23 @@ class VLModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["rng_states"] = {  # so a resumed run draws the same dropout masks as an uninterrupted one
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": _numpy_state(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(k for n, p in self.named_parameters() if p.requires_grad for k in [n])
         missing = [k for k in missing if k not in checkpoint["state_dict"]]
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}")
+        states = checkpoint.get("rng_states")
+        if states:  # the CPU generators as they were when the checkpoint was saved (rank 0's)
+            torch.set_rng_state(states["torch"])
+            random.setstate(states["python"])
+            name, keys, pos, has_gauss, cached = states["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
     def init_weights_from(self, path: str, option: str) -> None:
         """Start from the weights a vlgen checkpoint saved (e.g. an image model's, to fine-tune it on video).
@@ -143,6 +156,12 @@ class VLModule(pl.LightningModule):
         if total:
             log.warning("%s: %d unreadable samples skipped this epoch", stage, total)
         self.log(f"{stage}/skipped", float(total))  # already summed over ranks
+
+
+def _numpy_state() -> tuple[str, torch.Tensor, int, int, float]:
+    """NumPy's global generator state with its key array as a tensor (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
 
 
 def _all_frozen(module: nn.Module) -> bool:
