@@ -121,6 +121,9 @@ def scan(url: str, kind: Kind) -> ShardIndex:
                 grouped.setdefault(key, {})[ext] = (info.offset_data, info.size)
         except (tarfile.TarError, EOFError, OSError) as err:
             index.tail_error = f"{type(err).__name__}: {err}"
+    if index.tail_error and grouped:  # the last sample may have lost members past the cut
+        index.bad.append((next(reversed(grouped)), f"at the cut-off end of the shard ({index.tail_error})"))
+        grouped.pop(next(reversed(grouped)))
     for key, members in grouped.items():
         why = usable(members, kind)
         if why is None:
