@@ -4,6 +4,9 @@ Models and data modules are chosen in YAML with ``class_path`` / ``init_args``; 
 (one for the model and trainer, one from ``data_modules/`` for the data). Extra verbs:
 
 * ``vlgen make-world ROOT [--world.seed ...]``: write the synthetic shapes world to ``ROOT``.
+* ``vlgen make-shards captions ANNOTATIONS MEDIA_ROOT OUT_DIR [--field video] [--eval]`` or ``vlgen make-shards
+  text FILE... OUT_DIR``: COCO / Karpathy / MSR-VTT-style JSON + media, or sentence files, as WebDataset tar shards
+  (img2dataset's layout) for the shard data modules.
 * ``vlgen convert hf-blip2 SRC_DIR OUT.ckpt [--prompt TEXT] [--dtype float16]``: a Hugging Face BLIP-2 directory
   as a vlgen checkpoint (trainable weights, the format of vlgen's Lightning checkpoints) plus ``OUT.yaml``, the
   ``model:`` config that rebuilds it, for ``vlgen test --config OUT.yaml --config data_modules/X.yaml --ckpt_path
@@ -29,7 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from vlgen.errors import ConfigError
 
-EXTRA_VERBS = ("make-world", "convert", "report")
+EXTRA_VERBS = ("make-world", "make-shards", "convert", "report")
 
 
 class VLGenCLI(LightningCLI):
@@ -72,6 +75,36 @@ def make_world(argv: list[str]) -> None:
     print(world.write(args.root))
 
 
+def make_shards(argv: list[str]) -> None:
+    """``vlgen make-shards captions ANNOTATIONS MEDIA_ROOT OUT_DIR`` or ``vlgen make-shards text FILE... OUT_DIR``."""
+    from vlgen.data.shards import write
+
+    parser = argparse.ArgumentParser(prog="vlgen make-shards", description=make_shards.__doc__, exit_on_error=False)
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    caps = kinds.add_parser("captions", help="annotation file + image or video folder -> shards")
+    caps.add_argument("annotations", help="JSON list / JSONL / COCO captions file, as the JSON data modules read")
+    caps.add_argument("media_root", help="the folder the records' image or video paths are relative to")
+    caps.add_argument("out_dir", help="where 00000.tar, 00001.tar ... go")
+    caps.add_argument("--field", default="image", choices=["image", "video"], help="the record field naming the file")
+    caps.add_argument("--eval", action="store_true", help="one sample per image with every caption as a reference")
+    caps.add_argument("--samples-per-shard", type=int, default=1000)
+    text = kinds.add_parser("text", help="sentence files (.txt lines, .jsonl records) -> shards of KEY.txt")
+    text.add_argument("paths", nargs="+", help="the files, then the output folder")
+    text.add_argument("--text-field", default="caption", help="the field of .jsonl records holding the sentence")
+    text.add_argument("--samples-per-shard", type=int, default=10000)
+    args = parser.parse_args(argv)
+    if args.kind == "captions":
+        writer = write.captions_to_shards(
+            args.annotations, args.media_root, args.out_dir, args.field, not args.eval, args.samples_per_shard
+        )
+    else:
+        if len(args.paths) < 2:
+            raise argparse.ArgumentError(None, "make-shards text: give at least one file and the output folder")
+        writer = write.text_to_shards(args.paths[:-1], args.paths[-1], args.text_field, args.samples_per_shard)
+    last = len(writer.shards) - 1
+    print(f"{writer.count} samples in {len(writer.shards)} shards: {writer.out_dir}/{{00000..{last:05d}}}.tar")
+
+
 def convert(argv: list[str]) -> None:
     """``vlgen convert hf-blip2 SRC_DIR OUT.ckpt`` or ``vlgen convert to-hf-blip2 CKPT OUT_DIR --config CONFIG``."""
     from vlgen.interop import convert as conversions
@@ -103,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv and argv[0] == "make-world":
             make_world(argv[1:])
+            return
+        if argv and argv[0] == "make-shards":
+            make_shards(argv[1:])
             return
         if argv and argv[0] == "convert":
             convert(argv[1:])

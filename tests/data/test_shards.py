@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tarfile
 from collections import Counter
@@ -254,3 +255,29 @@ def test_state_dict_round_trip_through_a_checkpoint_dict(tmp_path, shards):
     torch.save(state, buf)
     buf.seek(0)
     assert torch.load(buf, weights_only=True) == state
+
+
+def test_make_shards_converts_json_and_folder_and_text(tmp_path, capsys):
+    from vlgen.cli import main
+
+    (tmp_path / "img").mkdir()
+    for n in range(3):
+        (tmp_path / "img" / f"{n}.png").write_bytes(png(n))
+    records = [{"image": f"{n}.png", "caption": [f"first {n}", f"second {n}"], "image_id": n} for n in range(4)]
+    (tmp_path / "ann.json").write_text(json.dumps(records))  # 3.png does not exist: skipped, counted
+    main(["make-shards", "captions", str(tmp_path / "ann.json"), str(tmp_path / "img"), str(tmp_path / "ev"), "--eval"])
+    main(["make-shards", "captions", str(tmp_path / "ann.json"), str(tmp_path / "img"), str(tmp_path / "tr"),
+          "--samples-per-shard", "4"])  # fmt: skip
+    assert "6 samples in 2 shards" in capsys.readouterr().out  # one per (image, caption) pair for training
+    assert (tmp_path / "tr" / "00000_stats.json").is_file()
+    dm = ImageShardDataModule(train_shards=str(tmp_path / "tr" / "*.tar"), val_shards=str(tmp_path / "ev" / "*.tar"),
+                              batch_size=8, num_workers=0, index_dir=str(tmp_path / "i"))  # fmt: skip
+    dm.set_transforms(TF, TF)
+    dm.setup("fit")
+    val = next(iter(dm.val_dataloader()))
+    assert val["ids"] == ["0", "1", "2"] and val["references"][1] == ["first 1", "second 1"]
+    train = next(iter(dm.train_dataloader()))
+    assert sorted(train["captions"]) == sorted(f"{w} {n}" for n in range(3) for w in ("first", "second"))
+    (tmp_path / "s.txt").write_text("a b c\n\nd e\n")
+    main(["make-shards", "text", str(tmp_path / "s.txt"), str(tmp_path / "txt")])
+    assert "2 samples in 1 shards" in capsys.readouterr().out
