@@ -281,3 +281,29 @@ def test_make_shards_converts_json_and_folder_and_text(tmp_path, capsys):
     (tmp_path / "s.txt").write_text("a b c\n\nd e\n")
     main(["make-shards", "text", str(tmp_path / "s.txt"), str(tmp_path / "txt")])
     assert "2 samples in 1 shards" in capsys.readouterr().out
+
+
+def test_video_shards_decode_clips_from_memory(tmp_path):
+    from vlgen.data import VideoShardDataModule
+    from vlgen.data.shards.write import WorldShards
+    from vlgen.data.synthetic import MovingShapesWorld
+
+    world = MovingShapesWorld(seed=0, num_train=6, num_val=3, num_test=3, image_size=32, num_frames=8, num_text=10)
+    WorldShards(world, str(tmp_path / "w"), str(tmp_path / "s"), samples_per_shard=8).write()
+    tar = tmp_path / "s" / "train" / "00000.tar"
+    with tarfile.open(tar) as t:
+        assert {Path(n).suffix for n in t.getnames()} == {".mp4", ".txt", ".json"}  # video2dataset's layout
+    shards = tmp_path / "s"
+    for backend in ("decord", "pyav"):
+        dm = VideoShardDataModule(
+            train_shards=str(shards / "train" / "*.tar"), val_shards=str(shards / "val" / "*.tar"), num_frames=4,
+            batch_size=4, num_workers=0, backend=backend, index_dir=str(tmp_path / "i"),
+        )  # fmt: skip
+        dm.set_transforms(TF, TF)
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        assert batch["pixels"].shape == (4, 4, 3, 8, 8) and batch["num_skipped"] == 0
+        val = next(iter(dm.val_dataloader()))
+        assert len(val["ids"]) == 3 and all(len(r) == 5 for r in val["references"])
+        again = next(iter(dm.train_dataloader()))
+        assert torch.equal(batch["pixels"], again["pixels"])  # frames and augmentation seeded per sample
