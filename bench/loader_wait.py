@@ -1,7 +1,10 @@
 """How long training waits for data: the data-loader wait as a share of training step time, for any config.
 
-    python bench/loader_wait.py [--config configs/tiny/video_evlgen.yaml] [--steps 120] [--skip 10]
+    python bench/loader_wait.py [--config configs/tiny/video_evlgen.yaml ...] [--steps 120] [--skip 10]
                                 [--workers 0 1 2]
+
+``--config`` may be given several times; they compose as on the command line (e.g. ``--config
+configs/tiny/linear.yaml --config configs/tiny/shards_image.yaml`` for the image shards).
 
 Runs ``vlgen fit`` in this process with a callback that stamps the start and end of every training batch: the gap
 between one batch's end and the next one's start is time the loop spent waiting (fetching the next batch from the
@@ -41,16 +44,18 @@ class LoaderWait(pl.Callback):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs" / "tiny" / "video_evlgen.yaml"))
+    parser.add_argument("--config", action="append", help="default: configs/tiny/video_evlgen.yaml")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--skip", type=int, default=10)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
-    print(f"config: {args.config}; {args.steps} steps, first {args.skip} left out")
+    configs = args.config or [str(REPO / "configs" / "tiny" / "video_evlgen.yaml")]
+    print(f"config: {' + '.join(configs)}; {args.steps} steps, first {args.skip} left out")
     print(f"{'workers':>7s} {'step ms':>8s} {'wait ms':>8s} {'wait share':>10s}")
     for workers in args.workers:
         vlgen_main([
-            "fit", "--config", args.config, "--trainer.max_steps", str(args.steps), "--trainer.limit_val_batches", "0",
+            "fit", *[a for c in configs for a in ("--config", c)],
+            "--trainer.max_steps", str(args.steps), "--trainer.limit_val_batches", "0",
             "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=__main__.LoaderWait",
             "--data.init_args.num_workers", str(workers),
         ])  # fmt: skip

@@ -307,3 +307,23 @@ def test_video_shards_decode_clips_from_memory(tmp_path):
         assert len(val["ids"]) == 3 and all(len(r) == 5 for r in val["references"])
         again = next(iter(dm.train_dataloader()))
         assert torch.equal(batch["pixels"], again["pixels"])  # frames and augmentation seeded per sample
+
+
+def test_text_module_reads_captions_of_image_shards_without_their_images(tmp_path, shards, monkeypatch):
+    dm = TextShardDataModule(train_shards=str(shards / "00000.tar"), batch_size=7, num_workers=0,
+                             index_dir=str(tmp_path / "i"))  # fmt: skip
+    dm.setup("fit")
+    read = []
+    source = dm.plans["train"].sources[0]
+    original = source._file
+
+    def spy(shard):
+        f = original(shard)
+        real_read = f.read
+        monkeypatch.setattr(f, "read", lambda n: read.append(n) or real_read(n), raising=False)
+        return f
+
+    monkeypatch.setattr(source, "_file", spy)
+    batch = next(iter(dm.train_dataloader()))
+    assert sorted(batch["text"]) == sorted(f"caption {n}" for n in range(7))
+    assert max(read) < 50  # captions and metadata only: no PNG (about 70 bytes each) read

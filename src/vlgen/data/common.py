@@ -134,13 +134,14 @@ class BadFiles:
 def seeded_transform(transform: Callable[[Any], T], image: Any, seed: int) -> T:
     """``transform(image)`` with Python's and torch's global generators seeded by ``seed`` for the call and restored
     afterwards: a random augmentation that depends only on ``seed``, never on what ran before."""
-    state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
+    state, cpu = random.getstate(), torch.get_rng_state()
+    try:
         random.seed(seed)
-        torch.manual_seed(seed)
-        out = transform(image)
-    random.setstate(state)
-    return out
+        torch.default_generator.manual_seed(seed)  # the CPU generator only (torch.manual_seed also seeds CUDA, slowly)
+        return transform(image)
+    finally:
+        random.setstate(state)
+        torch.set_rng_state(cpu)
 
 
 def drop_bad(samples: Sequence[T | None]) -> tuple[list[T], int]:

@@ -115,8 +115,8 @@ class CaptionDecoder(ABC):
 
     kind: ClassVar[Kind]
 
-    def __init__(self, transform: Transform, strict: bool) -> None:
-        self.transform, self.strict = transform, strict
+    def __init__(self, transform: Transform, strict: bool, seeded: bool = True) -> None:
+        self.transform, self.strict, self.seeded = transform, strict, seeded
         self.bad_files = BadFiles(strict)
 
     def __call__(self, raw: RawSample, seed: int) -> CaptionSample | None:
@@ -140,7 +140,7 @@ class ImageDecoder(CaptionDecoder):
     def pixels(self, raw: RawSample, data: bytes, seed: int) -> Any:
         with Image.open(io.BytesIO(data)) as img:
             rgb = img.convert("RGB")  # decodes the whole image: a truncated one fails here
-        return seeded_transform(self.transform, rgb, seed)
+        return seeded_transform(self.transform, rgb, seed) if self.seeded else self.transform(rgb)
 
 
 class VideoDecoder(CaptionDecoder):
@@ -165,11 +165,11 @@ class TextDecoder:
 
     def __call__(self, raw: RawSample, seed: int) -> str | None:
         try:
-            if "jsonl" in raw:
-                value = json.loads(raw["jsonl"].decode("utf-8")).get(self.text_field)
-                text = value.strip() if isinstance(value, str) else ""
-            else:
+            if "txt" in raw:
                 text = raw["txt"].decode("utf-8").strip()
+            else:  # a .jsonl line, or a tar sample whose caption is in its .json
+                value = json.loads(raw.get("jsonl", raw.get("json", b"{}")).decode("utf-8")).get(self.text_field)
+                text = value.strip() if isinstance(value, str) else ""
         except (ValueError, AttributeError) as err:
             if self.strict:
                 raise BadSample(f"{raw['shard']}:{raw['key']}: {err}") from err
@@ -431,7 +431,7 @@ class ImageShardDataModule(CaptionShardDataModule):
         )  # fmt: skip
 
     def _decoder(self, train: bool) -> ImageDecoder:
-        return ImageDecoder(self._transform(train), self.strict)
+        return ImageDecoder(self._transform(train), self.strict, seeded=train)  # evaluation transforms are fixed
 
     def _folder_dataset(self, items: list[CaptionItem], root: Path, transform: Transform) -> Dataset:
         return ImageCaptionDataset(items, root, transform, self.strict)

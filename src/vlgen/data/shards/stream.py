@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -27,6 +26,7 @@ from vlgen.data.shards.order import Mixture, SourceOrder, num_rank_batches, rank
 from vlgen.errors import ConfigError
 
 log = logging.getLogger(__name__)
+TEXT_MEMBERS = ("txt", "jsonl", "json")
 RawSample = dict[str, Any]  # {"key", "source", "shard", extension: bytes...}
 Decode = Callable[[RawSample, int], Any]  # raw sample, per-sample seed -> a sample, or None when unusable
 Collate = Callable[[list[Any]], dict[str, Any]]
@@ -61,6 +61,7 @@ class ShardSource:
         self._report(urls, headers, strict)
         if not self.counts:
             raise ConfigError(f"{option}: no usable {kind} sample in {len(urls)} shard(s), e.g. {urls[0]}")
+        self.cached_shards = 8  # shard indexes held per process; a Plan raises it to what a shuffle window spans
         self._samples: OrderedDict[int, list[tuple[str, Members]]] = OrderedDict()
         self._files: OrderedDict[int, BinaryIO] = OrderedDict()
 
@@ -96,13 +97,15 @@ class ShardSource:
         """The members of sample ``local`` of shard ``shard`` as bytes (raises OSError on a short read)."""
         if shard not in self._samples:
             self._samples[shard] = self.cache.samples(self.urls[shard], self.kind)
-            while len(self._samples) > 8:
+            while len(self._samples) > self.cached_shards:
                 self._samples.popitem(last=False)
         self._samples.move_to_end(shard)
         key, members = self._samples[shard][local]
         f = self._file(shard)
         raw: RawSample = {"key": key, "source": self.name, "shard": self.urls[shard]}
         for ext, (offset, size) in members.items():
+            if self.kind == "text" and ext not in TEXT_MEMBERS:
+                continue  # a text corpus read from image shards never reads the images
             f.seek(offset)
             data = f.read(size)
             if len(data) != size:
@@ -113,7 +116,7 @@ class ShardSource:
     def _file(self, shard: int) -> BinaryIO:
         if shard not in self._files:
             self._files[shard] = open_url(self.urls[shard])
-            while len(self._files) > 8:
+            while len(self._files) > self.cached_shards:
                 self._files.popitem(last=False)[1].close()
         self._files.move_to_end(shard)
         return self._files[shard]
@@ -124,9 +127,16 @@ class ShardSource:
         return state
 
 
+MASK64 = (1 << 64) - 1
+
+
 def sample_seed(seed: int, position: int) -> int:
-    """The seed of one sample's randomness, from the run's seed and the sample's absolute position."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, position]).generate_state(1)[0])
+    """The seed of one sample's randomness, from the run's seed and the sample's absolute position (splitmix64 of
+    the two, a 32-bit result; cheap enough to run per sample)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return (z ^ (z >> 31)) & 0xFFFFFFFF
 
 
 class Plan:
@@ -145,6 +155,9 @@ class Plan:
     ) -> None:
         self.sources, self.seed = sources, seed
         self.orders = [SourceOrder(s.counts, seed, shuffle, shuffle_block, salt=n) for n, s in enumerate(sources)]
+        for s in sources:  # a window's samples come from about block / (samples per shard) shards: keep their indexes
+            spanned = -(-shuffle_block * len(s.counts) // max(1, len(s))) + 2 if shuffle else 2
+            s.cached_shards = max(8, min(64, spanned))
         self.mixture = Mixture([s.weight for s in sources], seed)
         self.epoch_size = epoch_size or sum(len(s) for s in sources)
 
