@@ -327,3 +327,17 @@ def test_text_module_reads_captions_of_image_shards_without_their_images(tmp_pat
     batch = next(iter(dm.train_dataloader()))
     assert sorted(batch["text"]) == sorted(f"caption {n}" for n in range(7))
     assert max(read) < 50  # captions and metadata only: no PNG (about 70 bytes each) read
+
+
+def test_remote_urls_go_through_fsspec(tmp_path):
+    """``memory://`` is an fsspec filesystem like ``s3://``: the index is built by streaming, samples read by range."""
+    import fsspec
+
+    paths = write_image_shards(tmp_path / "local", [5, 4])
+    fs = fsspec.filesystem("memory")
+    for n, path in enumerate(paths):
+        fs.pipe(f"/bench/{n:05d}.tar", path.read_bytes())
+    remote = module(tmp_path, "memory://bench/{00000..00001}.tar", batch_size=3, num_workers=0)
+    local = module(tmp_path, [str(p) for p in paths], batch_size=3, num_workers=0)
+    assert [b["ids"] for b in _raw(remote, 0)] == [b["ids"] for b in _raw(local, 0)]
+    assert torch.equal(_raw(remote, 0)[0]["pixels"], _raw(local, 0)[0]["pixels"])

@@ -14,8 +14,9 @@ fewer samples than there are ranks it is left out of that epoch, logged and coun
 
 Bad data: a missing shard, a sample without its image or caption, a cut-off tar tail are named in the log once and
 counted per source when the indexes are read; a member that does not decode is skipped per batch (``num_skipped``,
-``train/skipped``); ``skip_bad_samples: false`` makes each an error. Per-source sample and skip counts are logged as
-``data/<source>/samples`` and ``data/<source>/skipped`` (rank 0's share, cumulative).
+``train/skipped``); ``skip_bad_samples: false`` makes each an error. Per-source counts are logged as
+``data/<source>/samples`` and ``data/<source>/skipped`` (rank 0's share, cumulative, kept across a resume), and
+``data/<source>/unusable_in_index`` and ``data/<source>/missing_shards``.
 """
 
 from __future__ import annotations
@@ -333,6 +334,9 @@ class ShardDataModule(pl.LightningDataModule, ABC):
         step = trainer.global_step
         if trainer.logger is not None and trainer.is_global_zero and step % max(1, trainer.log_every_n_steps) == 0:
             metrics = {f"data/{name}/{k}": float(v) for name, t in self.source_totals.items() for k, v in t.items()}
+            for src in self.plans["train"].sources:  # what the indexes left out, known from the start
+                metrics[f"data/{src.name}/unusable_in_index"] = float(src.num_bad)
+                metrics[f"data/{src.name}/missing_shards"] = float(len(src.missing))
             trainer.logger.log_metrics(metrics, step=step)
         return batch
 
