@@ -103,10 +103,13 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(shard_work):
 
 
 @pytest.mark.slow
-def test_test_on_shards_scores_every_test_sample_once(shard_work):
+def test_test_and_predict_on_shards_see_every_test_sample_once(shard_work):
     ckpt = sorted(run_dirs(shard_work)[0].glob("checkpoints/*.ckpt"))[-1]
     vlgen("test", *args(shard_work), "--ckpt_path", str(ckpt), cwd=shard_work)
     run = run_dirs(shard_work)[-1]
     ids = [json.loads(line)["id"] for line in open(run / "predictions.jsonl")]
     assert len(ids) == len(set(ids)) == WORLD["num_test"]
     assert set(json.loads((run / "metrics.json").read_text())) >= {"CIDEr", "Bleu_4"}
+    vlgen("predict", *args(shard_work), "--ckpt_path", str(ckpt), cwd=shard_work)  # no predict_dir: the test shards
+    lines = [json.loads(line) for line in open(run_dirs(shard_work)[-1] / "predictions.jsonl")]
+    assert sorted(x["id"] for x in lines) == sorted(ids) and all(isinstance(x["caption"], str) for x in lines)

@@ -40,19 +40,22 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=-1)
     parser.add_argument("--ckpt_every", type=int, default=0)
     parser.add_argument("--ckpt_path", default=None)
+    parser.add_argument("--ckpt_epoch_end", action="store_true", help="save a checkpoint at the end of each epoch")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     pl.seed_everything(0)
     data = ImageShardDataModule(train_shards=args.shards, batch_size=2, num_workers=args.workers, image_size=8,
                                 shuffle_block=8, index_dir=args.index)  # fmt: skip
     callbacks = []
+    if args.ckpt_epoch_end:
+        callbacks.append(ModelCheckpoint(dirpath=args.out, filename="{epoch}", save_top_k=-1))
     if args.ckpt_every:
         callbacks.append(ModelCheckpoint(dirpath=args.out, filename="{step}", every_n_train_steps=args.ckpt_every,
                                          save_top_k=-1))  # fmt: skip
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
         max_epochs=args.epochs, max_steps=args.max_steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=bool(args.ckpt_every), num_sanity_val_steps=0,
+        enable_model_summary=False, enable_checkpointing=bool(args.ckpt_every or args.ckpt_epoch_end), num_sanity_val_steps=0,
     )  # fmt: skip
     trainer.fit(Recorder(args.out), datamodule=data, ckpt_path=args.ckpt_path)
 

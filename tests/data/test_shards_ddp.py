@@ -58,3 +58,14 @@ def test_two_ranks_two_workers_and_a_resume_on_one_rank(tmp_path):
     after = [i for b in ids_of(rest, 0) for i in b]
     assert len(before) == 20 and not set(before) & set(after)
     assert sorted(before + after) == sorted(f"s{n}" for n in range(45))  # the remaining samples, each once
+
+
+@pytest.mark.slow
+def test_resume_from_an_end_of_epoch_checkpoint_starts_the_next_epoch(tmp_path):
+    write_image_shards(tmp_path / "shards", SIZES)
+    straight = run(tmp_path, "straight", "--epochs", "2")[0]
+    run(tmp_path, "first", "--epochs", "1", "--ckpt_epoch_end")
+    ckpt = tmp_path / "first" / "epoch=0.ckpt"
+    rest = run(tmp_path, "rest", "--epochs", "2", "--ckpt_path", str(ckpt))[0]
+    assert [r["epoch"] for r in rest] == [1] * len(ids_of(straight, 1))
+    assert ids_of(rest, 1) == ids_of(straight, 1)  # epoch 1, in epoch 1's order, once

@@ -91,6 +91,20 @@ class FrameSampler:
         return sample_indices(num_available, self.num_frames, self.mode, rng)
 
 
+def frame_samplers(
+    num_frames: int, train_sampling: Sampling, eval_sampling: Sampling, min_frames: int | None
+) -> dict[bool, FrameSampler]:
+    """The training (``True``) and evaluation (``False``) samplers of a video data module, its options checked: a
+    bad value stops with one line naming the ``data.`` option."""
+    if num_frames < 1 or (min_frames is not None and min_frames < 1):
+        raise ConfigError(f"data.num_frames ({num_frames}) and data.min_frames ({min_frames}) must be >= 1")
+    for option, mode in (("data.train_sampling", train_sampling), ("data.eval_sampling", eval_sampling)):
+        if mode not in SAMPLING_MODES:
+            raise ConfigError(f"{option}: {mode!r} is not one of {', '.join(SAMPLING_MODES)}")
+    return {True: FrameSampler(num_frames, train_sampling, min_frames),
+            False: FrameSampler(num_frames, eval_sampling, min_frames)}  # fmt: skip
+
+
 def require_package(module: str, backend: str) -> ModuleType:
     """Import ``module`` or raise one line saying which extra provides it."""
     try:

@@ -25,16 +25,15 @@ from vlgen.data.captions import CaptionDataModule, CaptionItem, Transform
 from vlgen.data.common import BadFiles, CaptionSample, seeded_transform
 from vlgen.data.synthetic.motion import MovingShapesWorld
 from vlgen.data.video_io import (
-    SAMPLING_MODES,
     VIDEO_SUFFIXES,
     Backend,
     FrameReader,
     FrameSampler,
     Sampling,
     VideoError,
+    frame_samplers,
     make_reader,
 )
-from vlgen.errors import ConfigError
 
 
 def transform_clip(frames: np.ndarray, transform: Transform, seed: int) -> Tensor:
@@ -157,11 +156,7 @@ class VideoTextDataModule(CaptionDataModule):
         seed: int = 0,
         generate: MovingShapesWorld | None = None,
     ) -> None:
-        if num_frames < 1 or (min_frames is not None and min_frames < 1):
-            raise ConfigError(f"data.num_frames ({num_frames}) and data.min_frames ({min_frames}) must be >= 1")
-        for option, mode in (("data.train_sampling", train_sampling), ("data.eval_sampling", eval_sampling)):
-            if mode not in SAMPLING_MODES:
-                raise ConfigError(f"{option}: {mode!r} is not one of {', '.join(SAMPLING_MODES)}")
+        self.samplers = frame_samplers(num_frames, train_sampling, eval_sampling, min_frames)  # by train
         self.reader = make_reader(backend)  # before any path check: a missing library is the first thing to fix
         super().__init__(
             root=root,
@@ -178,10 +173,6 @@ class VideoTextDataModule(CaptionDataModule):
         )
         self.video_root = self.media_root
         self.num_frames, self.backend, self.seed = num_frames, backend, seed
-        self.samplers = {  # by train
-            True: FrameSampler(num_frames, train_sampling, min_frames),
-            False: FrameSampler(num_frames, eval_sampling, min_frames),
-        }
 
     def _dataset(self, items: list[CaptionItem], media_root: Path, transform: Transform, train: bool) -> Dataset:
         sampler = self.samplers[train]

@@ -43,13 +43,13 @@ from vlgen.data.shards.stream import Plan, RawSample, ShardLoader, ShardSource, 
 from vlgen.data.shards.urls import expand_shards
 from vlgen.data.shards.write import WorldShards
 from vlgen.data.video_io import (
-    SAMPLING_MODES,
     VIDEO_SUFFIXES,
     Backend,
     FrameReader,
     FrameSampler,
     Sampling,
     VideoError,
+    frame_samplers,
     make_reader,
 )
 from vlgen.data.video_text import VideoCaptionDataset, transform_clip
@@ -493,11 +493,7 @@ class VideoShardDataModule(CaptionShardDataModule):
         image_size: int = 224,
         generate: WorldShards | None = None,
     ) -> None:
-        if num_frames < 1 or (min_frames is not None and min_frames < 1):
-            raise ConfigError(f"data.num_frames ({num_frames}) and data.min_frames ({min_frames}) must be >= 1")
-        for option, mode in (("data.train_sampling", train_sampling), ("data.eval_sampling", eval_sampling)):
-            if mode not in SAMPLING_MODES:
-                raise ConfigError(f"{option}: {mode!r} is not one of {', '.join(SAMPLING_MODES)}")
+        self.samplers = frame_samplers(num_frames, train_sampling, eval_sampling, min_frames)  # by train
         self.reader = make_reader(backend)
         super().__init__(
             predict_dir=predict_dir, image_size=image_size, train_shards=train_shards, val_shards=val_shards,
@@ -505,9 +501,7 @@ class VideoShardDataModule(CaptionShardDataModule):
             pin_memory=pin_memory, skip_bad_samples=skip_bad_samples, seed=seed, shuffle_block=shuffle_block,
             epoch_size=epoch_size, index_dir=index_dir, generate=generate,
         )  # fmt: skip
-        self.num_frames, self.seed = num_frames, seed
-        self.samplers = {True: FrameSampler(num_frames, train_sampling, min_frames),
-                         False: FrameSampler(num_frames, eval_sampling, min_frames)}  # fmt: skip
+        self.num_frames = num_frames
 
     def _decoder(self, train: bool) -> VideoDecoder:
         return VideoDecoder(self._transform(train), self.strict, self.reader, self.samplers[train])
