@@ -55,7 +55,8 @@ def main() -> None:
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
         max_epochs=args.epochs, max_steps=args.max_steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=bool(args.ckpt_every or args.ckpt_epoch_end), num_sanity_val_steps=0,
+        enable_model_summary=False, enable_checkpointing=bool(args.ckpt_every or args.ckpt_epoch_end),
+        num_sanity_val_steps=0,
     )  # fmt: skip
     trainer.fit(Recorder(args.out), datamodule=data, ckpt_path=args.ckpt_path)
 
