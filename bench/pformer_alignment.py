@@ -8,7 +8,7 @@ help the same bridge? Held-out CIDEr-D with and without alignment over several s
 reconstruction of held-out captions (greedy decoding by the frozen tiny LM from the P-Former's prompts alone) is
 measured before training (``vlgen validate``) and after. (2) For each seed, the tiny linear captioner of
 ``configs/tiny/pformer_align.yaml`` trained on only ``--pairs`` images (5 captions each) of a world that shares the
-corpus, encoder, LM and test split, once with the alignment loss and once without (``alignment: null``), same
+corpus, encoder, LM and test split, once with the alignment loss and once without (``objectives: []``), same
 steps; both tested on the 128 test images. Prints CIDEr-D (x100) per seed, then mean +- sd.
 """
 
@@ -53,7 +53,7 @@ def main() -> None:
         "--config", str(TINY / "pformer_align.yaml"), *quiet, "--trainer.max_steps", str(args.steps),
         *overlay(work, "few_pairs", {"data": {"init_args": few}, "trainer": {"limit_val_batches": 0}}),
     ]  # fmt: skip
-    no_align = overlay(work, "no_alignment", {"model": {"init_args": {"alignment": None}}})
+    no_align = overlay(work, "no_alignment", {"model": {"init_args": {"objectives": []}}})
     scores: dict[str, list[float]] = {"with alignment": [], "without": []}
     for seed in args.seeds:
         for name, extra in (("with alignment", []), ("without", no_align)):

@@ -49,6 +49,16 @@ class VLGenCLI(LightningCLI):
             }
         )
 
+    def after_instantiate_classes(self) -> None:
+        """Give the model its ``model:`` config as resolved here, so that its checkpoints carry it (``vlgen.load``)."""
+        import yaml
+
+        from vlgen.artifacts import attach_config
+
+        dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+        section = dumped.get(self.subcommand, dumped) if self.subcommand else dumped
+        attach_config(self.model, section.get("model"))
+
 
 def _quiet_third_party() -> None:
     # Messages that are noise for users of a frozen LLM (e.g. "some weights are unused") stay out of the way.

@@ -12,15 +12,20 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
 
-class CaptionBatch(TypedDict):
+class _PerSampleText(TypedDict, total=False):
+    prompts: list[str]
+
+
+class CaptionBatch(_PerSampleText):
     """What image-text and video-text data modules yield.
 
     Attributes:
@@ -29,6 +34,8 @@ class CaptionBatch(TypedDict):
         references: every reference caption of each sample (for metrics).
         ids: a stable identifier per sample (image or video id).
         num_skipped: samples dropped from this batch because their file or text was unreadable.
+        prompts: optional; per-sample text the LLM reads after the visual prompts and before the target (a VQA
+            question, an instruction), formatted by the model's ``prompt_template``. Absent: the model's ``prompt``.
     """
 
     pixels: Tensor
@@ -53,7 +60,8 @@ class BridgeOutput:
         prompts: ``[B, M, Dllm]`` soft prompts, prepended to the language model's input.
         mask: ``[B, M]`` with 1 for real prompts (``None`` means all real).
         losses: named scalar losses the bridge adds to the training objective (already weighted).
-        pooled: ``[B, H]`` one feature per sample for losses against the caption (see :meth:`Bridge.text_losses`).
+        pooled: ``[B, H]`` one feature per sample for objectives against the caption (``H`` is the bridge's
+            :attr:`Bridge.pooled_dim`).
     """
 
     prompts: Tensor
@@ -93,9 +101,15 @@ class Bridge(nn.Module, ABC):
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> BridgeOutput:
         """``tokens [B, N, Dv]`` (``mask [B, N]``) -> :class:`BridgeOutput` with ``prompts [B, M, Dllm]``."""
 
-    def text_losses(self, out: BridgeOutput, captions: list[str]) -> dict[str, Tensor]:
-        """Training losses that also need the paired captions (already weighted); none by default."""
-        return {}
+    def prompt_count(self, num_tokens: int) -> int:
+        """Prompts per sample for ``num_tokens`` visual tokens once built: one per token by default (projectors);
+        bridges with learned queries or token merging say their own."""
+        return num_tokens
+
+    @property
+    def pooled_dim(self) -> int | None:
+        """Width of ``BridgeOutput.pooled``; ``None`` when the bridge returns no pooled feature."""
+        return None
 
 
 class LanguageModel(nn.Module, ABC):
@@ -113,6 +127,42 @@ class LanguageModel(nn.Module, ABC):
     @abstractmethod
     def generate(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str]) -> list[str]:
         """Decode one string per sample after ``[prompts][prefix text]``."""
+
+    @abstractmethod
+    def embed_text(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """The input embeddings ``[B, T, D]`` of each text's tokens (no special tokens) and their mask ``[B, T]``."""
+
+
+# --- what callbacks and data modules look for, declared ------------------------------------------------------------
+@runtime_checkable
+class MergingBridge(Protocol):
+    """A bridge whose token merging can be ramped up (:class:`~vlgen.callbacks.MergeRamp` sets the fraction of
+    its full merge schedule applied, 0 to 1)."""
+
+    merge_fraction: float
+
+
+@runtime_checkable
+class ProvidesImageTransform(Protocol):
+    """A model that tells data modules how to turn a PIL image into its encoder's input."""
+
+    def image_transform(self, train: bool) -> Callable[[Any], Tensor]: ...
+
+
+@runtime_checkable
+class LogsSamples(Protocol):
+    """A model that keeps a few validation samples (``pixels``, ``caption``, ``references``, ``id``) for tables."""
+
+    logged_samples: list[dict[str, Any]]
+
+
+def prompt_count(encoder: VisualEncoder, bridge: Bridge) -> int:
+    """Prompts per image a built ``bridge`` gives after ``encoder``: the encoder's token count, measured once on a
+    blank image through its own evaluation transform, as the bridge maps it (:meth:`Bridge.prompt_count`)."""
+    pixels = encoder.image_transform(False)(Image.new("RGB", (224, 224)))[None]  # [1, C, H, W]
+    with torch.no_grad():
+        num_tokens = int(encoder(pixels).shape[1])
+    return bridge.prompt_count(num_tokens)
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:

@@ -7,6 +7,9 @@ without importing the package. A GGUF file is dequantised once by transformers a
 later runs load in a fraction of a second. A Hugging Face BLIP-2 directory (``Blip2ForConditionalGeneration``,
 config ``model_type: blip-2``) also names its parts: the language model is built from ``config.text_config`` and
 only its ``language_model.*`` tensors are read from the safetensors files, never the whole BLIP-2 model.
+
+Weights from another format (a BERT, a BLIP-2 directory, a stage-0/1 or vlgen checkpoint) go through
+:func:`load_checked`, after that format's key map (beside the module it describes) has renamed them.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ import os
 import pickle
 import shutil
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import transformers
 from safetensors import safe_open
+from torch import nn
 
 from vlgen.errors import ConfigError, load_failure
 
@@ -223,3 +229,124 @@ def read_checkpoint(path: str | Path, option: str) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError) as err:
         raise ConfigError(f"{option}: cannot read {path}: {str(err).splitlines()[0]}") from None
+
+
+# --- checked weight loading -----------------------------------------------------------------------------------------
+KeyMap = Callable[[str], str | None]
+"""A source format's key map: a checkpoint key -> the module key it loads into, or None when it is not the module's."""
+
+Keys = Collection[str] | Callable[[str], bool]
+"""A set of module keys: the keys themselves, or a predicate on them."""
+
+Required = Literal["all", "any"] | Keys
+"""What a load must fill: ``"all"`` the module's keys, ``"any"`` at least one of them, or the keys given."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What :func:`load_checked` did, in the module's key names.
+
+    Attributes:
+        loaded: module keys given the source's tensor.
+        fresh: trainable parameters the source did not fill: they keep the module's own initialisation.
+        unused: source keys that were not loaded (the module lacks them, a ``skip_mismatched`` key of another
+            shape, or a key map's leftovers passed as ``also_unused``).
+    """
+
+    loaded: list[str]
+    fresh: list[str]
+    unused: list[str]
+
+
+def rename_keys(state: Mapping[str, torch.Tensor], key_map: KeyMap) -> dict[str, torch.Tensor]:
+    """``state`` under the names ``key_map`` gives, without the keys it maps to None (timm's checkpoint filter)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        ours = key_map(key)
+        if ours is not None:
+            out[ours] = value
+    return out
+
+
+def summarise_keys(keys: Sequence[str], limit: int = 8) -> str:
+    """``keys`` for a log line: the first ``limit`` of them, then how many more; ``none`` when there are none."""
+    if not keys:
+        return "none"
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _matcher(keys: Keys) -> Callable[[str], bool]:
+    return keys if callable(keys) else set(keys).__contains__
+
+
+def load_checked(
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    option: str,
+    where: str,
+    *,
+    required: Required = "all",
+    skip_mismatched: Keys = (),
+    label: str | None = None,
+    hint: str = "",
+    also_unused: Iterable[str] = (),
+) -> Loaded:
+    """Load a key-mapped ``state`` into ``module`` after checking it, and log once what came from where.
+
+    Every tensor of ``state`` that ``module`` has is loaded; the module's other weights are left as they are.
+
+    Args:
+        module: the module to fill.
+        state: tensors under the module's key names (a source format's key map already applied).
+        option: the config option named in errors, e.g. ``"bridge.init_from"``.
+        where: the source, for errors and the log (a path, or e.g. ``"BERT bert-base-uncased"``).
+        required: the module keys ``state`` must hold: ``"all"`` of them, ``"any"`` (at least one shared key: a
+            partial start), or those given (a collection, or a predicate on the key).
+        skip_mismatched: keys loaded only when the shapes agree; otherwise they stay as they are and are reported
+            unused. A required key of another shape is always an error.
+        label: the module's name in the log and errors (default: ``option``).
+        hint: what to check when a shape disagrees, added to that error in parentheses.
+        also_unused: source keys the key map had no place for, reported with the unused ones.
+
+    Returns:
+        The keys loaded, left fresh and not used.
+
+    Raises:
+        ConfigError: one line naming ``option``: a required key is missing (the first few are named), no key is
+            shared under ``required="any"``, or a key's shape differs (both shapes and ``where`` are named).
+    """
+    own = module.state_dict()
+    if required == "any":
+        needed: list[str] = []
+    else:
+        wanted = (lambda _: True) if required == "all" else _matcher(required)  # type: ignore[arg-type]
+        needed = [k for k in own if wanted(k)]
+    missing = [k for k in needed if k not in state]
+    if missing:
+        what = f"{label} weights" if label else "weights"
+        raise ConfigError(f"{option}: {where} lacks {len(missing)} {what}, e.g. {missing[:3]}")
+    needed_set, lenient = set(needed), _matcher(skip_mismatched)
+    loaded, skipped = [], []
+    for key in own:
+        if key not in state:
+            continue
+        theirs, ours = tuple(state[key].shape), tuple(own[key].shape)
+        if theirs == ours:
+            loaded.append(key)
+        elif lenient(key) and key not in needed_set:
+            skipped.append(key)
+        else:
+            extra = f" ({hint})" if hint else ""
+            raise ConfigError(f"{option}: {key} is {theirs} in {where}, {ours} here{extra}")
+    if required == "any" and not loaded:
+        raise ConfigError(f"{option}: {where} holds none of this model's weights")
+    module.load_state_dict({k: state[k] for k in loaded}, strict=False)  # only the module's own keys: none unexpected
+    done = set(loaded)
+    fresh = [n for n, p in module.named_parameters() if p.requires_grad and n not in done]
+    unused = sorted({*(k for k in state if k not in own), *skipped, *also_unused})
+    log.info(
+        "%s: %d tensors loaded from %s; %d fresh: %s; %d unused: %s",
+        label or option, len(loaded), where, len(fresh), summarise_keys(fresh), len(unused), summarise_keys(unused),
+    )  # fmt: skip
+    return Loaded(loaded, fresh, unused)

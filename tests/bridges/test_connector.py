@@ -1,5 +1,5 @@
-"""EVLGen's token-merging connector: BERT parity without merging, token counts, padding, the ramp, the contrastive
-term, and the MergeRamp callback."""
+"""EVLGen's token-merging connector: BERT parity without merging, token counts, padding, the ramp, and the MergeRamp
+callback (its contrastive term is an objective: tests/objectives/test_contrast.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import torch
 from transformers import BertModel
 
 from vlgen.bridges import TokenMergingConnector
-from vlgen.bridges.connector import SentenceContrast
 from vlgen.callbacks import MergeRamp
 from vlgen.errors import ConfigError
 
@@ -37,9 +36,9 @@ def test_token_counts_follow_the_schedule():
     connector = make()
     out = connector(torch.randn(2, 33, VISION))
     assert out.prompts.shape == (2, 33 - 3 * 4, LLM) and out.mask is None
-    assert connector.output_tokens(33) == 21
-    assert make(r=[8, 4, 0]).output_tokens(33) == 21
-    assert make(r=[16, 16, 16]).output_tokens(33) == 33 - 16 - 8 - 4  # capped at half the mergeable tokens
+    assert connector.prompt_count(33) == 21
+    assert make(r=[8, 4, 0]).prompt_count(33) == 21
+    assert make(r=[16, 16, 16]).prompt_count(33) == 33 - 16 - 8 - 4  # capped at half the mergeable tokens
     assert out.pooled is not None and out.pooled.shape == (2, 32)
 
 
@@ -76,19 +75,6 @@ def test_ramp_fraction_scales_every_layer():
     assert MergeRamp(100).fraction(500) == 1.0 and MergeRamp(0).fraction(0) == 1.0
 
 
-def test_contrastive_term_trains_the_connector_not_the_sentence_encoder(tiny_bert_dir):
-    contrast = SentenceContrast(str(tiny_bert_dir), weight=0.5, embed_dim=8)
-    connector = make(contrastive=contrast).train()
-    out = connector(torch.randn(3, 17, VISION))
-    losses = connector.text_losses(out, ["a red circle", "a blue square", "two green triangles"])
-    assert set(losses) == {"contrastive"} and torch.isfinite(losses["contrastive"])
-    losses["contrastive"].backward()
-    assert connector.input_proj.weight.grad is not None and contrast.text_proj.weight.grad is not None
-    assert all(p.grad is None for p in contrast.encoder.parameters())
-    assert not contrast.encoder.training
-    assert make().text_losses(out, ["x"] * 3) == {}  # no contrastive term configured
-
-
 def test_bad_settings_are_named(tiny_bert_dir):
     with pytest.raises(ConfigError, match=r"bridge\.num_layers"):
         TokenMergingConnector(bert=str(tiny_bert_dir), num_layers=5)
@@ -104,30 +90,3 @@ def test_unweighted_merging_differs_only_once_sizes_differ():
         weighted = make(num_layers=layers, r=4)(tokens).prompts
         plain = make(num_layers=layers, r=4, size_weighted=False)(tokens).prompts
         assert torch.allclose(weighted, plain, atol=1e-6) is same
-
-
-def test_captioner_trains_with_the_contrastive_term(tiny_bert_dir, tiny_llm_dir):
-    from vlgen.encoders import TimmEncoder
-    from vlgen.llms import CausalLM
-    from vlgen.models import Captioner
-
-    vit = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2}
-    bridge = TokenMergingConnector(
-        num_layers=2, r=4, hidden_size=32, num_heads=2, contrastive=SentenceContrast(str(tiny_bert_dir))
-    )
-    model = Captioner(TimmEncoder("vit_tiny_patch16_224", model_kwargs=vit), bridge, CausalLM(str(tiny_llm_dir)))
-    logged: dict[str, float] = {}
-    model.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value.detach()))
-    batch = {"pixels": torch.randn(2, 3, 32, 32), "captions": ["a red circle", "a blue square"], "num_skipped": 0}
-    model.training_step(batch, 0).backward()
-    assert {"train/loss", "train/lm_loss", "train/contrastive"} <= set(logged)
-    assert logged["train/loss"] > logged["train/lm_loss"]
-    saved = _saved(model)  # the frozen sentence encoder is rebuilt from its checkpoint, not saved
-    assert "bridge.contrastive.text_proj.weight" in saved
-    assert not any(k.startswith("bridge.contrastive.encoder.") for k in saved)
-
-
-def _saved(model) -> set[str]:
-    ckpt = {"state_dict": model.state_dict()}
-    model.on_save_checkpoint(ckpt)
-    return set(ckpt["state_dict"])

@@ -21,6 +21,8 @@ def workdir(tmp_path_factory, tiny_bert_dir) -> Path:
     world = {"class_path": "vlgen.data.synthetic.ShapesWorld", "init_args": WORLD}
     llm = tiny_lm(work, world, steps=20)
     pformer = {"init_args": {"bert": str(tiny_bert_dir)}}  # 2 layers, as num_layers keeps
+    teacher = {"num_prompts": 4, "num_layers": 2, "pooling": "mean", "init_from": "runs/tiny-pformer-stage0/last.ckpt"}
+    aligned = {"init_args": {"bert": str(tiny_bert_dir), **teacher}}
     trainer = {"max_steps": 4, "limit_val_batches": 1, "log_every_n_steps": 2}
     stage0 = {
         "trainer": {**trainer, "val_check_interval": 4},
@@ -41,7 +43,12 @@ def workdir(tmp_path_factory, tiny_bert_dir) -> Path:
         "model": {
             "init_args": {
                 "llm": {"init_args": llm},
-                "alignment": {"init_args": {"pformer": pformer}},
+                "objectives": [  # a list is replaced whole: configs/tiny/pformer_align.yaml's entry, tiny BERT
+                    {
+                        "class_path": "vlgen.objectives.PromptAlignment",
+                        "init_args": {"weight": 100.0, "pformer": {"class_path": "vlgen.bridges.PFormer", **aligned}},
+                    }
+                ],
                 "encoder": {"init_args": tiny_encoder(work, world)},
             }
         },
@@ -72,7 +79,7 @@ def test_stage0_then_aligned_captioner(workdir):
     run = run_dirs(workdir)[-1]
     assert {"train/align", "train/lm_loss", "val/CIDEr"} <= logged_columns(run)
     aligned = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    assert "bridge.proj.1.weight" in aligned and not any(k.startswith("alignment.") for k in aligned)
+    assert "bridge.proj.1.weight" in aligned and not any(k.startswith("objectives.") for k in aligned)
 
 
 @pytest.mark.slow
@@ -85,5 +92,5 @@ def test_align_with_another_prompt_count_stops_with_one_line(workdir):
     proc = vlgen("fit", *[a for c in configs for a in ("--config", c)], cwd=workdir, check=False)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("vlgen: error: model.alignment")
+    assert last.startswith("vlgen: error: model.objectives: align")
     assert "bridge gives 16 prompts but the P-Former gives 4" in last

@@ -248,3 +248,33 @@ def test_predict_dir_inside_an_installed_package(world, tmp_path, monkeypatch):
         make_dm(world, predict_dir="pkg:photopkg/none")
     with pytest.raises(ConfigError, match=r"^data\.predict_dir: Python package 'nopkg' is not installed"):
         make_dm(world, predict_dir="pkg:nopkg/data")
+
+
+def test_per_sample_text_travels_in_the_batch(tmp_path, world):
+    """With ``prompt_field``, each record's text is the sample's ``prompts`` entry; evaluation keeps one sample per
+    (image, text), ids ``ID#k``; a record without the text is skipped and counted."""
+    (tmp_path / "img.png").write_bytes((world / "images" / "val_000000.png").read_bytes())
+    records = [
+        {"image": "img.png", "question": "what colour is the circle", "caption": "red"},
+        {"image": "img.png", "question": "what shape is there", "caption": ["a circle", "circle"]},
+        {"image": "img.png", "question": "what colour is the circle", "caption": "red circle"},
+        {"image": "img.png", "caption": "no question here"},
+    ]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    dm = make_dm(tmp_path, train_file="qa.jsonl", val_file="qa.jsonl", test_file=None, prompt_field="question")
+    dm.setup("fit")
+    val = next(iter(dm.val_dataloader()))
+    assert val["ids"] == ["img.png#0", "img.png#1"]
+    assert val["prompts"] == ["what colour is the circle", "what shape is there"]
+    assert val["references"] == [["red", "red circle"], ["a circle", "circle"]]
+    train = dm.datasets["train"]
+    assert sorted((train[i]["prompt"], train[i]["caption"]) for i in range(len(train))) == [
+        ("what colour is the circle", "red"),
+        ("what colour is the circle", "red circle"),
+        ("what shape is there", "a circle"),
+        ("what shape is there", "circle"),
+    ]
+    assert dm.bad_records_per_file == {str(tmp_path / "qa.jsonl"): 1}  # the record without a question
+    plain = make_dm(tmp_path, train_file=None, val_file="qa.jsonl", test_file=None)
+    plain.setup("validate")
+    assert "prompts" not in next(iter(plain.val_dataloader()))  # captions only: the key is absent

@@ -167,3 +167,53 @@ def test_context_text_goes_before_the_prompts(tiny_llm_dir):
     assert batched == [
         llm.generate(prompts[i : i + 1, : int(mask[i].sum())], None, [p])[0] for i, p in enumerate(["a photo of", ""])
     ]
+
+
+CHAT = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<s> the photo </s>{% endif %}"
+    "<s> {{ m['role'] }} {{ m['content'] }} </s>{% endfor %}{% if add_generation_prompt %} <s> answer{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tiny_llm_dir, tmp_path_factory):
+    """The tiny LM with a chat template of its own (its default system turn: "the photo")."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-chat")
+    shutil.copytree(tiny_llm_dir, out, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = CHAT
+    tok.save_pretrained(out)
+    return out
+
+
+def test_chat_template_puts_the_prompts_first_in_the_user_turn(chat_dir):
+    """``[template head][prompts][prefix, end of turn, assistant opening][target][eos]``, as the template renders it;
+    equal to the hand-written layout of the same text (context = head, prefix = tail)."""
+    llm = CausalLM(str(chat_dir), decoding=Decoding(max_new_tokens=4), chat_template=True)
+    assert llm.chat.head == "<s> the photo </s><s> user "
+    assert llm.chat.tail(" what colour") == " what colour </s> <s> answer"
+    empty = CausalLM(str(chat_dir), chat_template=True, system="")
+    assert empty.chat.head == "<s> system  </s><s> user "  # an explicit (empty) system turn replaces the default
+    by_hand = CausalLM(str(chat_dir), context=llm.chat.head)
+    torch.manual_seed(7)
+    prompts = torch.randn(2, 3, 64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    tails = [llm.chat.tail(p) for p in (" what colour", " what shape")]
+    torch.testing.assert_close(
+        llm.loss(prompts, mask, [" what colour", " what shape"], ["red", "a circle"]),
+        by_hand.loss(prompts, mask, tails, ["red", "a circle"]),
+    )
+    ids = llm._prefix_ids(" what colour")
+    assert ids == llm.tokenizer(" what colour </s> <s> answer", add_special_tokens=False).input_ids
+    assert len(llm.generate(prompts, mask, [" what colour", " what shape"])) == 2
+
+
+def test_chat_template_errors_are_one_line(tiny_llm_dir, chat_dir):
+    with pytest.raises(ConfigError, match=r"^llm\.chat_template: the tokenizer of .* has no chat template"):
+        CausalLM(str(tiny_llm_dir), chat_template=True)
+    with pytest.raises(ConfigError, match=r"^llm\.chat_template builds the turn itself"):
+        CausalLM(str(chat_dir), chat_template=True, context="a picture")

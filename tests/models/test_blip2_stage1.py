@@ -18,7 +18,6 @@ from vlgen.errors import ConfigError
 from vlgen.interfaces import VisualEncoder
 from vlgen.models.base import Optim
 from vlgen.models.blip2_losses import (
-    itc_loss,
     itg_loss,
     itg_targets,
     itm_labels,
@@ -27,6 +26,7 @@ from vlgen.models.blip2_losses import (
     sample_negatives,
 )
 from vlgen.models.blip2_stage1 import Blip2Stage1
+from vlgen.objectives.contrast import itc_loss
 
 VISION = 16
 CAPTIONS = ["a red circle", "a blue square", "the green triangle above a circle", "a small square left of a circle"]

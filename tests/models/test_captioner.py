@@ -67,3 +67,35 @@ def test_warmup_then_cosine_to_floor():
     assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.55)
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_per_sample_text_fills_the_template_in_training_and_generation(tiny_llm_dir):
+    enc = TimmEncoder("vit_tiny_patch16_224", model_kwargs=VIT)
+    llm = CausalLM(str(tiny_llm_dir), decoding=Decoding(max_new_tokens=4))
+    model = Captioner(enc, MLPProjector(), llm, prompt="a photo of", prompt_template="question {} short answer")
+    logged: dict = {}
+    model.log = lambda name, value, **k: logged.__setitem__(name, value)
+    asked = {**batch(), "prompts": ["what colour", "what shape"]}
+    assert model.prefixes(2, asked["prompts"]) == [
+        "question what colour short answer",
+        "question what shape short answer",
+    ]
+    assert model.prefixes(2) == ["a photo of", "a photo of"]
+    model.eval()
+    torch.manual_seed(0)
+    loss = model.training_step(asked, 0)
+    out = model(asked["pixels"])
+    by_hand = llm.loss(out.prompts, out.mask, model.prefixes(2, asked["prompts"]), asked["captions"])
+    torch.testing.assert_close(loss, by_hand)
+    plain = llm.loss(out.prompts, out.mask, model.prefixes(2), asked["captions"])
+    assert not torch.allclose(loss, plain)  # the questions were read, not the global prompt
+    captions = model.caption(asked["pixels"], asked["prompts"])
+    assert captions == llm.generate(out.prompts, out.mask, model.prefixes(2, asked["prompts"]))
+
+
+def test_a_template_without_one_slot_stops_with_one_line(tiny_llm_dir):
+    from vlgen.errors import ConfigError
+
+    enc = TimmEncoder("vit_tiny_patch16_224", model_kwargs=VIT)
+    with pytest.raises(ConfigError, match=r"^model\.prompt_template must hold exactly one \{\}"):
+        Captioner(enc, MLPProjector(), CausalLM(str(tiny_llm_dir)), prompt_template="Question: Short answer:")

@@ -5,8 +5,8 @@ encoder layers; after each layer's self-attention, ``r`` tokens are merged into 
 bipartite soft matching on the attention keys (:mod:`vlgen.bridges.tome`), so the frozen LLM reads a few condensed
 prompts: 257 ViT tokens through 12 layers at ``r = 19`` leave 29. Merged tokens are size-weighted averages and the
 sizes travel through the layers; proportional attention (``log size`` added to the attention logits) is optional.
-Trained with the LM loss alone, in one stage; optionally a contrastive term pulls the first (protected) token
-towards a frozen sentence encoder's embedding of the caption (the paper's beta, :class:`SentenceContrast`).
+Trained with the LM loss alone, in one stage; its pooled feature (the first, protected token, or the size-weighted
+mean) serves contrastive objectives such as the paper's beta term (:class:`~vlgen.objectives.SentenceContrast`).
 Layer parameter names follow Hugging Face's BERT, so the layers (and the position embeddings) can start from a
 BERT checkpoint.
 """
@@ -17,17 +17,14 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
 
 from vlgen.bridges.bert_layers import AddNorm, BertAttention, init_bert_module, intermediate
 from vlgen.bridges.tome import bipartite_soft_matching, merge_schedule, proportional_attention_bias, tokens_after
-from vlgen.dist import rank
 from vlgen.errors import ConfigError, load_failure
-from vlgen.interfaces import Bridge, BridgeOutput, count_parameters, masked_mean
-from vlgen.loading import dtype_kwarg, load_pretrained, resolve_name_or_path
-from vlgen.models.blip2_losses import gather_with_grad, itc_loss
+from vlgen.interfaces import Bridge, BridgeOutput, count_parameters
+from vlgen.loading import dtype_kwarg, resolve_name_or_path
 
 log = logging.getLogger(__name__)
 
@@ -72,54 +69,6 @@ class MergingLayer(nn.Module):
         return self.output(self.intermediate(x), x), size, mask
 
 
-class SentenceContrast(nn.Module):
-    """EVLGen's optional contrastive term: the connector's pooled output against a frozen sentence encoder's
-    mean-pooled embedding of the caption, both projected to ``embed_dim``; symmetric InfoNCE over the global batch
-    with label smoothing 0.1 and a learned temperature (BLIP-2's ITC), times ``weight``.
-
-    Args:
-        encoder: the sentence encoder (hub id, local directory or ``pkg:NAME``), e.g. all-MiniLM-L6-v2.
-        weight: the loss weight (the paper's beta).
-        embed_dim: width of the shared embedding space.
-        max_length: captions are truncated to this many tokens.
-    """
-
-    def __init__(self, encoder: str, weight: float = 0.1, embed_dim: int = 256, max_length: int = 32) -> None:
-        super().__init__()
-        option = "bridge.contrastive.encoder"  # errors name bridge.contrastive.encoder.name_or_path
-        self.encoder, self.tokenizer = load_pretrained(transformers.AutoModel, encoder, None, "float32", option)
-        self.encoder.requires_grad_(False)
-        self.encoder.eval()
-        self.weight, self.max_length = weight, max_length
-        self.text_proj = nn.Linear(self.encoder.config.hidden_size, embed_dim)
-        self.vision_proj: nn.Module | None = None
-        self.temp = nn.Parameter(torch.tensor(0.07))
-        self.embed_dim = embed_dim
-
-    def build(self, width: int) -> None:
-        self.vision_proj = nn.Linear(width, self.embed_dim)
-
-    def train(self, mode: bool = True) -> SentenceContrast:
-        super().train(mode)
-        self.encoder.eval()  # frozen: dropout stays off
-        return self
-
-    def forward(self, pooled: Tensor, captions: list[str]) -> Tensor:
-        assert self.vision_proj is not None, "SentenceContrast.build was not called"
-        enc = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        enc = enc.to(pooled.device)
-        with torch.no_grad():
-            hidden = self.encoder(**enc).last_hidden_state
-            sentence = masked_mean(hidden, enc["attention_mask"])
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
-        image = F.normalize(self.vision_proj(pooled), dim=-1)
-        text = F.normalize(self.text_proj(sentence), dim=-1)
-        sim_i2t = image @ gather_with_grad(text).T / self.temp
-        sim_t2i = text @ gather_with_grad(image).T / self.temp
-        return self.weight * itc_loss(sim_i2t, sim_t2i, offset=rank() * len(captions))
-
-
 class TokenMergingConnector(Bridge):
     """EVLGen's connector as a vlgen bridge: ``[B, N, Dv]`` visual tokens -> ``[B, N - sum(r), Dllm]`` prompts.
 
@@ -137,7 +86,6 @@ class TokenMergingConnector(Bridge):
         size_weighted: merged tokens are averages weighted by how many inputs each stands for (ToMe); ``false``
             averages the tokens of a group equally, as EVLGen's reference code does.
         vision_norm: LayerNorm on the visual tokens first (BLIP-2 / EVLGen's ``ln_vision``).
-        contrastive: the optional sentence-contrastive term (:class:`SentenceContrast`).
     """
 
     def __init__(
@@ -153,7 +101,6 @@ class TokenMergingConnector(Bridge):
         protect_first: bool = True,
         size_weighted: bool = True,
         vision_norm: bool = True,
-        contrastive: SentenceContrast | None = None,
     ) -> None:
         super().__init__()
         source = None
@@ -185,7 +132,6 @@ class TokenMergingConnector(Bridge):
         self.embed_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
         self.layers = nn.ModuleList(MergingLayer(c) for _ in range(num_layers))
-        self.contrastive = contrastive
         self.ln_vision: nn.Module = nn.Identity()
         self.input_proj: nn.Module | None = None
         self.projection: nn.Module | None = None
@@ -220,8 +166,6 @@ class TokenMergingConnector(Bridge):
         self.ln_vision = nn.LayerNorm(vision_dim) if self.vision_norm else nn.Identity()
         self.input_proj = nn.Linear(vision_dim, self.hidden_size)
         self.projection = nn.Linear(self.hidden_size, llm_dim)
-        if self.contrastive is not None:
-            self.contrastive.build(self.hidden_size)
         trainable, fixed = count_parameters(self)
         log.info("connector: %s trainable, %s frozen parameters", f"{trainable:,}", f"{fixed:,}")
 
@@ -230,10 +174,15 @@ class TokenMergingConnector(Bridge):
         full = merge_schedule(self.r, len(self.layers), num_tokens, self.protect_first)
         return [round(r * self.merge_fraction) for r in full]
 
-    def output_tokens(self, num_tokens: int) -> int:
+    def prompt_count(self, num_tokens: int) -> int:
         """How many prompts ``num_tokens`` visual tokens become (at the full schedule)."""
         schedule = merge_schedule(self.r, len(self.layers), num_tokens, self.protect_first)
         return tokens_after(num_tokens, schedule, self.protect_first)[-1]
+
+    @property
+    def pooled_dim(self) -> int:
+        """The connector's width: the pooled feature is its first (protected) token or its size-weighted mean."""
+        return self.hidden_size
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> BridgeOutput:
         assert self.input_proj is not None and self.projection is not None, "call build() before forward()"
@@ -251,11 +200,6 @@ class TokenMergingConnector(Bridge):
         if self.merge_fraction == 1.0 and n not in self._logged_counts:
             self._logged_counts.add(n)
             log.info("connector: %d visual tokens -> %d prompts (r per layer %s)", n, x.shape[1], schedule)
-        # The contrastive term's feature: the protected first token (a ViT's [CLS]) or the size-weighted mean
+        # The pooled feature: the protected first token (a ViT's [CLS]) or the size-weighted mean
         pooled = x[:, 0] if self.protect_first else (x * size).sum(1) / size.sum(1).clamp(min=1e-6)
         return BridgeOutput(self.projection(x), mask, pooled=pooled)
-
-    def text_losses(self, out: BridgeOutput, captions: list[str]) -> dict[str, Tensor]:
-        if self.contrastive is None or out.pooled is None:
-            return {}
-        return {"contrastive": self.contrastive(out.pooled, captions)}

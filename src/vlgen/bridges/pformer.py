@@ -12,7 +12,6 @@ stage-0 checkpoint with ``init_from``. Parameter names: ``bert.*`` (the text enc
 
 from __future__ import annotations
 
-import logging
 from typing import Literal
 
 import transformers
@@ -20,9 +19,7 @@ from torch import Tensor, nn
 
 from vlgen.errors import ConfigError, load_failure
 from vlgen.interfaces import masked_mean, set_frozen
-from vlgen.loading import dtype_kwarg, read_checkpoint, resolve_name_or_path
-
-log = logging.getLogger(__name__)
+from vlgen.loading import dtype_kwarg, load_checked, read_checkpoint, rename_keys, resolve_name_or_path
 
 
 class PFormer(nn.Module):
@@ -105,8 +102,9 @@ class PFormer(nn.Module):
                 raise ConfigError("pformer.init_from: a stage-0 checkpoint is needed to know the LLM width here")
             llm_dim = int(state["llm_proj.weight"].shape[0])
         self.llm_proj = nn.Linear(self.hidden_size, llm_dim)
-        if state is not None:
-            load_stage0(self, state, str(self.init_from))
+        if state is not None:  # every weight, with this P-Former's shapes
+            hint = "check num_prompts, num_layers, the BERT and the LLM width"
+            load_checked(self, state, "pformer.init_from", str(self.init_from), label="P-Former", hint=hint)
         set_frozen(self, self.frozen, "P-Former")
 
     def train(self, mode: bool = True) -> PFormer:
@@ -140,26 +138,15 @@ class PFormer(nn.Module):
         return self.to_prompts(self.sentence_features(*self.tokenize(texts)))
 
 
+def stage0_key_to_pformer(key: str) -> str | None:
+    """The P-Former key a stage-0 checkpoint tensor loads into: its ``pformer.`` weights, prefix removed."""
+    return key[len("pformer.") :] if key.startswith("pformer.") else None
+
+
 def read_stage0(ckpt_path: str) -> dict[str, Tensor]:
-    """The ``pformer.`` weights of a stage-0 Lightning checkpoint, prefix removed."""
+    """The ``pformer.`` weights of a stage-0 Lightning checkpoint under P-Former names."""
     ckpt = read_checkpoint(ckpt_path, "pformer.init_from")
-    state = {k[len("pformer.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("pformer.")}
+    state = rename_keys(ckpt.get("state_dict", {}), stage0_key_to_pformer)
     if not state:
         raise ConfigError(f"pformer.init_from: {ckpt_path} holds no pformer.* weights (not a P-Former stage-0 run)")
     return state
-
-
-def load_stage0(pformer: PFormer, state: dict[str, Tensor], where: str) -> None:
-    """Load stage-0 weights into a built ``pformer``: every weight must be there, with this P-Former's shapes."""
-    ours = pformer.state_dict()
-    missing = [k for k in ours if k not in state]
-    if missing:
-        raise ConfigError(f"pformer.init_from: {where} lacks {len(missing)} P-Former weights, e.g. {missing[:3]}")
-    for k, v in ours.items():
-        if state[k].shape != v.shape:
-            raise ConfigError(
-                f"pformer.init_from: {k} is {tuple(state[k].shape)} in {where}, {tuple(v.shape)} here "
-                "(check num_prompts, num_layers, the BERT and the LLM width)"
-            )
-    pformer.load_state_dict({k: state[k] for k in ours})
-    log.info("P-Former: %d tensors loaded from %s", len(ours), where)

@@ -29,13 +29,13 @@ from vlgen.bridges.bert_layers import AddNorm, BertAttention, init_bert_module, 
 from vlgen.bridges.qformer_weights import (
     bert_config_from_blip2,
     bert_key_of,
-    load_blip2_qformer,
-    load_stage1_qformer,
-    summarise_keys,
+    is_stage1_optional,
+    read_blip2_qformer,
+    read_stage1_qformer,
 )
 from vlgen.errors import ConfigError, load_failure
 from vlgen.interfaces import Bridge, BridgeOutput, count_parameters, freeze
-from vlgen.loading import blip2_config, dtype_kwarg, resolve_name_or_path
+from vlgen.loading import blip2_config, dtype_kwarg, load_checked, resolve_name_or_path
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,14 @@ class QFormerLayer(nn.Module):
         return torch.cat(parts, dim=1)
 
 
+def _grown(bert: Tensor, ours: Tensor) -> Tensor:
+    """A BERT tensor ``[V, ...]`` given our rows past ``V`` (the vocabulary grew by [DEC]): ``[V', ...]``; any other
+    shape as it is (a mismatch for the loader to name)."""
+    if bert.shape[0] < ours.shape[0] and bert.shape[1:] == ours.shape[1:]:
+        return torch.cat([bert, ours[bert.shape[0] :]])
+    return bert
+
+
 class _LMHead(nn.Module):
     """BERT's MLM head (``predictions.transform``, ``predictions.bias``); the decoder is the word-embedding matrix,
     tied as in LAVIS."""
@@ -129,7 +137,7 @@ class QFormer(Bridge):
         text_input: build the text path (word embeddings, text feed-forwards, LM head, tokenizer). Stage 1 needs
             it; a captioning bridge does not (Hugging Face's ``use_qformer_text_input``).
         init_from: a BLIP-2 stage-1 Lightning checkpoint whose ``qformer.`` weights are loaded after :meth:`build`;
-            the projection to the LLM stays fresh.
+            the projection to the LLM stays fresh unless the checkpoint has one of the same shape.
     """
 
     def __init__(
@@ -217,21 +225,20 @@ class QFormer(Bridge):
 
     @torch.no_grad()
     def _copy_from_bert(self, source: nn.Module, missing: set[str], name: str) -> None:
-        theirs = source.state_dict()
-        used, fresh = set(), []
-        self.bert_keys: dict[str, str] = {}  # our key -> the BERT key it was copied from
-        for key, param in self.state_dict().items():
-            theirs_key = bert_key_of(key)
-            if theirs_key is None or theirs_key not in theirs or theirs_key in missing:
-                fresh.append(key)
-                continue
-            value = theirs[theirs_key]
-            param[: value.shape[0]].copy_(value)  # the word embeddings may have grown by [DEC]
-            used.add(theirs_key)
-            self.bert_keys[key] = theirs_key
-        log.info("Q-Former: %d tensors loaded from BERT %s; fresh: %s", len(used), name, summarise_keys(fresh))
-        unused = sorted(k for k in set(theirs) - used if not k.startswith("cls.predictions.decoder."))  # tied copies
-        log.info("Q-Former: BERT tensors not used: %s", summarise_keys(unused))
+        """Start every weight :func:`bert_key_of` maps from the BERT ``source`` (``missing``: its fresh keys)."""
+        theirs = {k: v for k, v in source.state_dict().items() if k not in missing}
+        ours = self.state_dict()
+        state = {}
+        for key, value in ours.items():
+            bert_key = bert_key_of(key)
+            if bert_key in theirs:
+                state[key] = _grown(theirs[bert_key], value)
+        pulled = {bert_key_of(k) for k in state}
+        unused = [k for k in theirs if k not in pulled and not k.startswith("cls.predictions.decoder.")]  # tied copies
+        loaded = load_checked(
+            self, state, "bridge.bert", f"BERT {name}", required=(), label="Q-Former", also_unused=unused
+        )
+        self.bert_keys = {k: str(bert_key_of(k)) for k in loaded.loaded}  # our key -> the BERT key it was copied from
 
     def build(self, vision_dim: int, llm_dim: int | None) -> None:
         """Create the cross-attention (keys/values of width ``vision_dim``) and the projection to ``llm_dim``.
@@ -247,9 +254,14 @@ class QFormer(Bridge):
         self.language_projection = None if llm_dim is None else nn.Linear(self.hidden_size, llm_dim)
         self._built = True
         if self.blip2_path is not None:
-            load_blip2_qformer(self, self.blip2_path)
-        if self.init_from is not None:
-            load_stage1_qformer(self, self.init_from)
+            state = read_blip2_qformer(self.blip2_path, self.vision_norm)
+            hint = "check the encoder's width and the LLM's hidden size"
+            load_checked(self, state, "bridge.bert", f"BLIP-2 {self.blip2_path}", label="Q-Former", hint=hint)
+        if self.init_from is not None:  # every weight but the projection to the LLM; weights we lack are skipped
+            load_checked(
+                self, read_stage1_qformer(self.init_from), "bridge.init_from", self.init_from,
+                required=lambda k: not is_stage1_optional(k), skip_mismatched=is_stage1_optional, label="Q-Former",
+            )  # fmt: skip
         if self.frozen:
             for child_name, child in self.named_children():
                 if child_name != "language_projection":
@@ -340,7 +352,20 @@ class QFormer(Bridge):
             hidden = hidden[keep]  # [B, T, H] -> [K, H]
         return self.cls(hidden, self.embeddings["word_embeddings"].weight)
 
-    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> BridgeOutput:
-        queries = self.query_features(tokens, mask)  # [B, Q, H]
+    def prompt_count(self, num_tokens: int) -> int:
+        """One prompt per learned query, whatever the number of visual tokens."""
+        return self.num_queries
+
+    @property
+    def pooled_dim(self) -> int:
+        """The pooled feature is the mean of the query outputs, of the Q-Former's width."""
+        return self.hidden_size
+
+    def output(self, queries: Tensor) -> BridgeOutput:
+        """Query outputs ``[B, Q, H]`` as prompts ``[B, Q, Dllm]`` (projected when built with an LLM width) and
+        their mean as the pooled feature ``[B, H]``."""
         prompts = queries if self.language_projection is None else self.language_projection(queries)
-        return BridgeOutput(prompts=prompts)  # [B, Q, Dllm]
+        return BridgeOutput(prompts=prompts, pooled=queries.mean(dim=1))
+
+    def forward(self, tokens: Tensor, mask: Tensor | None = None) -> BridgeOutput:
+        return self.output(self.query_features(tokens, mask))  # [B, Q, H] -> prompts [B, Q, Dllm]

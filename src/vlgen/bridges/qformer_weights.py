@@ -1,26 +1,26 @@
-"""Where a Q-Former's weights come from: a BERT checkpoint (key mapping), a Hugging Face BLIP-2 directory, or a
-BLIP-2 stage-1 Lightning checkpoint. Kept apart from the module itself (:mod:`vlgen.bridges.qformer`), which calls
-these while it is constructed and built.
+"""Where a Q-Former's weights come from, as key maps: a BERT checkpoint, a Hugging Face BLIP-2 directory, or a
+BLIP-2 stage-1 Lightning checkpoint. Names only, no modules: :mod:`vlgen.bridges.qformer` reads a source through
+these and hands the renamed tensors to :func:`vlgen.loading.load_checked`.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING
-
 import transformers
+from torch import Tensor
 
 from vlgen.errors import ConfigError
-from vlgen.loading import read_checkpoint, read_weights
+from vlgen.loading import read_checkpoint, read_weights, rename_keys
 
-if TYPE_CHECKING:
-    from vlgen.bridges.qformer import QFormer
-
-log = logging.getLogger(__name__)
+# The parts of a Hugging Face BLIP-2 checkpoint a Q-Former takes; only these tensors are read.
+BLIP2_PREFIXES = ("qformer.", "query_tokens", "language_projection.", "vision_model.post_layernorm.")
 
 
 def bert_key_of(ours: str) -> str | None:
-    """The BERT (``BertForMaskedLM``) key a Q-Former weight is initialised from, or None for fresh weights."""
+    """The BERT (``BertForMaskedLM``) key a Q-Former weight is initialised from, or None for fresh weights.
+
+    It maps our key to BERT's (not the other way) because one BERT feed-forward starts both the query and the text
+    feed-forward of a layer.
+    """
     if ours.startswith("embeddings."):
         return "bert." + ours
     if ours.startswith("qformer.layernorm."):
@@ -51,55 +51,37 @@ def bert_config_from_blip2(
     return transformers.BertConfig(**{name: getattr(q, name) for name in fields})
 
 
-def load_blip2_qformer(qformer: QFormer, path: str) -> None:
-    """Load a Hugging Face BLIP-2 checkpoint's Q-Former, queries, projection and ``ln_vision`` into a built
-    ``qformer`` (reading those tensors only); shapes that differ name the side that disagrees."""
-    ours = qformer.state_dict()
-    mapping = {k: k for k in ours if k.startswith(("qformer.", "query_tokens", "language_projection."))}
-    if qformer.vision_norm:  # LAVIS's ln_vision is Hugging Face's vision_model.post_layernorm
-        mapping.update({f"ln_vision.{n}": f"vision_model.post_layernorm.{n}" for n in ("weight", "bias")})
-    theirs = read_weights(path, ("qformer.", "query_tokens", "language_projection.", "vision_model.post_layernorm."))
-    missing = [v for v in mapping.values() if v not in theirs]
-    if missing:
-        raise ConfigError(f"bridge.bert: {path} lacks {len(missing)} Q-Former weights, e.g. {missing[:3]}")
-    for k, v in mapping.items():
-        if theirs[v].shape != ours[k].shape:
-            raise ConfigError(
-                f"bridge.bert: {v} is {tuple(theirs[v].shape)} in {path}, {tuple(ours[k].shape)} here "
-                "(check the encoder's width and the LLM's hidden size)"
-            )
-    qformer.load_state_dict({k: theirs[v] for k, v in mapping.items()}, strict=False)
-    log.info("Q-Former: %d tensors loaded from BLIP-2 %s", len(mapping), path)
+def blip2_key_to_qformer(key: str, vision_norm: bool) -> str | None:
+    """The Q-Former key a Hugging Face BLIP-2 tensor loads into, or None when it is not the Q-Former's.
 
-
-def summarise_keys(keys: list[str], limit: int = 8) -> str:
-    if not keys:
-        return "none"
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def load_stage1_qformer(qformer: QFormer, ckpt_path: str) -> None:
-    """Load the ``qformer.`` weights of a BLIP-2 stage-1 Lightning checkpoint into a built ``qformer``.
-
-    Every Q-Former weight but the projection to the LLM must be in the checkpoint; the projection is loaded too when
-    the checkpoint has one of the same shape (a stage 1 with P-Former alignment trains it). Checkpoint weights this
-    Q-Former does not have (the text path when ``text_input`` is false) are skipped.
+    The names agree key for key (``qformer.*``, ``query_tokens``, ``language_projection.*``) but for LAVIS's
+    ``ln_vision``, which Hugging Face keeps as ``vision_model.post_layernorm`` (taken only with ``vision_norm``).
     """
+    if key.startswith(("qformer.", "language_projection.")) or key == "query_tokens":
+        return key
+    norm = "vision_model.post_layernorm."
+    if vision_norm and key.startswith(norm):
+        return "ln_vision." + key[len(norm) :]
+    return None
+
+
+def read_blip2_qformer(path: str, vision_norm: bool) -> dict[str, Tensor]:
+    """The Q-Former tensors of a Hugging Face BLIP-2 directory under Q-Former names (only those tensors are read)."""
+    return rename_keys(read_weights(path, BLIP2_PREFIXES), lambda key: blip2_key_to_qformer(key, vision_norm))
+
+
+def stage1_key_to_qformer(key: str) -> str | None:
+    """The Q-Former key a BLIP-2 stage-1 checkpoint tensor loads into: its ``qformer.`` weights, prefix removed."""
+    return key[len("qformer.") :] if key.startswith("qformer.") else None
+
+
+def is_stage1_optional(key: str) -> bool:
+    """Whether a Q-Former key may stay fresh when starting from stage 1: the projection to the LLM, which a stage 1
+    trains only with P-Former alignment, carries over only when the checkpoint has it with this Q-Former's shape."""
+    return key.startswith("language_projection.")
+
+
+def read_stage1_qformer(ckpt_path: str) -> dict[str, Tensor]:
+    """The ``qformer.`` weights of a BLIP-2 stage-1 Lightning checkpoint under Q-Former names."""
     ckpt = read_checkpoint(ckpt_path, "bridge.init_from")
-    theirs = {k[len("qformer.") :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("qformer.")}
-    ours = qformer.state_dict()
-    needed = [k for k in ours if not k.startswith("language_projection.")]
-    missing = [k for k in needed if k not in theirs]
-    if missing:
-        raise ConfigError(f"bridge.init_from: {ckpt_path} lacks {len(missing)} Q-Former weights, e.g. {missing[:3]}")
-    bad = [k for k in needed if theirs[k].shape != ours[k].shape]
-    if bad:
-        k = bad[0]
-        raise ConfigError(f"bridge.init_from: {k} is {tuple(theirs[k].shape)} there, {tuple(ours[k].shape)} here")
-    projection = [k for k in ours if k.startswith("language_projection.")]
-    if projection and all(k in theirs and theirs[k].shape == ours[k].shape for k in projection):
-        needed += projection  # trained in stage 1 by P-Former alignment (to the same LLM width): it carries over
-    qformer.load_state_dict({k: theirs[k] for k in needed}, strict=False)
-    skipped = sorted(set(theirs) - set(needed))
-    log.info("Q-Former: %d tensors loaded from %s; skipped: %s", len(needed), ckpt_path, summarise_keys(skipped))
+    return rename_keys(ckpt.get("state_dict", {}), stage1_key_to_qformer)

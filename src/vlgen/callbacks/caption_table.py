@@ -1,7 +1,7 @@
 """A W&B table of validation images with their generated and reference captions, once per validation run.
 
-It reads ``logged_samples`` that the captioning module keeps from its first validation batch and does nothing when
-no ``WandbLogger`` is attached, so it can stay in every config.
+It reads ``logged_samples`` (:class:`~vlgen.interfaces.LogsSamples`) that the captioning module keeps from its first
+validation batch and does nothing when no ``WandbLogger`` is attached, so it can stay in every config.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
+
+from vlgen.interfaces import LogsSamples
 
 
 def to_uint8_image(pixels: torch.Tensor) -> Any:
@@ -34,7 +36,7 @@ class CaptionTable(pl.Callback):
         self.key = key
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        samples = getattr(pl_module, "logged_samples", None)
+        samples = pl_module.logged_samples if isinstance(pl_module, LogsSamples) else None
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not samples or not loggers or not trainer.is_global_zero:
             return

@@ -8,6 +8,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from vlgen.errors import ConfigError
+from vlgen.interfaces import MergingBridge
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class MergeRamp(Callback):
 
     def _set(self, pl_module: LightningModule, step: int) -> float:
         bridge = getattr(pl_module, "bridge", None)
-        if bridge is None or not hasattr(bridge, "merge_fraction"):
+        if not isinstance(bridge, MergingBridge):
             raise ConfigError("MergeRamp needs a bridge that merges tokens (vlgen.bridges.TokenMergingConnector)")
         bridge.merge_fraction = self.fraction(step)
         return bridge.merge_fraction

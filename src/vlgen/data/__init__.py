@@ -1,4 +1,10 @@
-"""LightningDataModules feeding raw images (or frames) and strings, or text alone; shared pieces; synthetic worlds."""
+"""LightningDataModules feeding raw images (or frames) and strings, or text alone; shared pieces; synthetic worlds.
+
+A new dataset format is one file here: for annotation files plus a media folder, a
+:class:`~vlgen.data.captions.CaptionDataModule` that says how one sample loads (``_dataset``); otherwise any
+``LightningDataModule`` whose loaders yield :class:`~vlgen.interfaces.CaptionBatch` (or ``TextBatch``). Add a
+``data_modules/<name>.yaml`` with the expected layout in a comment.
+"""
 
 from vlgen.data.common import (
     BadFiles,

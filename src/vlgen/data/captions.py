@@ -19,8 +19,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from vlgen.data.common import BadRecords, CaptionCollate, clean_captions, make_loader, read_records, require_file
+from vlgen.data.common import (
+    BadRecords,
+    CaptionCollate,
+    CaptionSample,
+    clean_captions,
+    make_loader,
+    read_records,
+    require_file,
+)
 from vlgen.errors import ConfigError
+from vlgen.interfaces import ProvidesImageTransform
 from vlgen.loading import package_path
 
 log = logging.getLogger(__name__)
@@ -30,33 +39,62 @@ Transform = Callable[[Image.Image], Any]
 
 
 class CaptionItem(NamedTuple):
-    """One sample before loading: media path (relative to the media root), its captions, its id."""
+    """One sample before loading: media path (relative to the media root), its captions, its id, and the text of
+    its own the model reads before the caption (a question, an instruction), if any."""
 
     path: str
     captions: tuple[str, ...]
     id: str
+    prompt: str | None = None
 
 
-def caption_items(path: Path, field: str, train: bool, bad: BadRecords) -> list[CaptionItem]:
+def caption_items(
+    path: Path, field: str, train: bool, bad: BadRecords, prompt_field: str | None = None
+) -> list[CaptionItem]:
     """The samples of an annotation file whose records name their image or video in ``field``.
 
     Training yields one item per (media, caption) pair; evaluation one item per ``{field}_id`` (default: the media
-    path) with the captions of all its records as references, in order of first appearance.
+    path) with the captions of all its records as references, in order of first appearance. With ``prompt_field``
+    each record must also hold a non-empty text there, and evaluation groups by (media, text): one image asked two
+    questions is two samples, ``ID#0`` and ``ID#1`` in order of first appearance.
     """
     items: list[CaptionItem] = []
-    groups: dict[str, tuple[str, list[str]]] = {}  # media id -> (media path, every caption of it)
+    groups: dict[tuple[str, str | None], tuple[str, list[str]]] = {}  # (media id, text) -> (media path, captions)
     for where, record in read_records(path, bad):
         media = record.get(field)
         if not isinstance(media, str) or not media.strip():
             bad(where, f"no '{field}' field")
             continue
+        prompt = None
+        if prompt_field is not None:
+            prompt = record.get(prompt_field)
+            if not isinstance(prompt, str) or not prompt.strip():
+                bad(where, f"no '{prompt_field}' text")
+                continue
+            prompt = prompt.strip()
         caps = clean_captions(record.get("caption"), where, bad)
         media_id = str(record.get(f"{field}_id", media))
         if train:
-            items += [CaptionItem(media, (c,), media_id) for c in caps]
+            items += [CaptionItem(media, (c,), media_id, prompt) for c in caps]
         elif caps:
-            groups.setdefault(media_id, (media, []))[1].extend(caps)
-    return items + [CaptionItem(media, tuple(caps), media_id) for media_id, (media, caps) in groups.items()]
+            groups.setdefault((media_id, prompt), (media, []))[1].extend(caps)
+    asked: dict[str, int] = {}  # media id -> texts seen so far (the suffix of prompted samples' ids)
+    for (media_id, prompt), (media, caps) in groups.items():
+        sample_id = media_id
+        if prompt is not None:
+            sample_id = f"{media_id}#{asked.get(media_id, 0)}"
+            asked[media_id] = asked.get(media_id, 0) + 1
+        items.append(CaptionItem(media, tuple(caps), sample_id, prompt))
+    return items
+
+
+def caption_sample(item: CaptionItem, pixels: Any) -> CaptionSample:
+    """The loaded sample of ``item``: its first caption is the training target, all are references."""
+    caption = item.captions[0] if item.captions else ""
+    sample = CaptionSample(pixels=pixels, caption=caption, references=list(item.captions), id=item.id)
+    if item.prompt is not None:
+        sample["prompt"] = item.prompt
+    return sample
 
 
 def media_files(folder: Path, suffixes: frozenset[str], option: str) -> list[str]:
@@ -84,7 +122,7 @@ def choose_transform(
     if fixed is not None:
         return fixed[0 if train else 1]
     module = datamodule.trainer.lightning_module if datamodule.trainer is not None else None
-    if module is not None and callable(getattr(module, "image_transform", None)):
+    if isinstance(module, ProvidesImageTransform):
         return module.image_transform(train)
     return default_transform(image_size)
 
@@ -111,9 +149,10 @@ class CaptionDataModule(pl.LightningDataModule, ABC):
         skip_bad_samples: bool,
         image_size: int,
         generate: Any = None,
+        prompt_field: str | None = None,
     ) -> None:
         super().__init__()
-        self.root, self.files = Path(root), files
+        self.root, self.files, self.prompt_field = Path(root), files, prompt_field
         self.media_root = Path(media_root) if media_root else self.root
         self.predict_dir = Path(package_path(predict_dir, "data.predict_dir")) if predict_dir else None
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -167,7 +206,7 @@ class CaptionDataModule(pl.LightningDataModule, ABC):
         option = f"data.{split}_file"
         path = require_file(self.root / str(self.files[split]), option)
         bad = BadRecords(path, self.strict)
-        items = caption_items(path, self.media_field, split == "train", bad)
+        items = caption_items(path, self.media_field, split == "train", bad, self.prompt_field)
         self.bad_records_per_file[str(path)] = bad.count
         if not items:
             raise ConfigError(f"{option}: {path} holds no usable records ({bad.count} skipped)")

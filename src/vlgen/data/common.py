@@ -150,8 +150,13 @@ def drop_bad(samples: Sequence[T | None]) -> tuple[list[T], int]:
     return good, len(samples) - len(good)
 
 
-class CaptionSample(TypedDict):
-    """One item of an image- or video-caption dataset, before collation into a :class:`CaptionBatch`."""
+class _SampleText(TypedDict, total=False):
+    prompt: str
+
+
+class CaptionSample(_SampleText):
+    """One item of an image- or video-caption dataset, before collation into a :class:`CaptionBatch` (``prompt``:
+    optional text of its own that the model reads before the caption)."""
 
     pixels: Tensor
     caption: str
@@ -176,13 +181,16 @@ class CaptionCollate:
             pixels = torch.stack([s["pixels"] for s in good])  # B x [C, H, W] -> [B, C, H, W] (or [B, T, C, H, W])
         else:
             pixels = torch.empty((0, *self.pixel_shape))
-        return CaptionBatch(
+        batch = CaptionBatch(
             pixels=pixels,
             captions=[s["caption"] for s in good],
             references=[s["references"] for s in good],
             ids=[s["id"] for s in good],
             num_skipped=skipped,
         )
+        if good and "prompt" in good[0]:  # a dataset with per-sample text gives it for every sample
+            batch["prompts"] = [s["prompt"] for s in good]
+        return batch
 
 
 def make_loader(

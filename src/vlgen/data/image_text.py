@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlgen.data.captions import CaptionDataModule, CaptionItem, Transform
+from vlgen.data.captions import CaptionDataModule, CaptionItem, Transform, caption_sample
 from vlgen.data.common import BadFiles, CaptionSample
 from vlgen.data.synthetic.shapes import ShapesWorld
 
@@ -51,8 +51,7 @@ class ImageCaptionDataset(Dataset):
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             self.bad_files(str(path), err)
             return None
-        caption = item.captions[0] if item.captions else ""
-        return CaptionSample(pixels=self.transform(rgb), caption=caption, references=list(item.captions), id=item.id)
+        return caption_sample(item, self.transform(rgb))
 
 
 class ImageTextDataModule(CaptionDataModule):
@@ -73,6 +72,8 @@ class ImageTextDataModule(CaptionDataModule):
         skip_bad_samples: skip (log and count) unusable records and unreadable images; false raises on the first.
         image_size: image side of the fallback transform, used only without a model that provides one.
         generate: a synthetic world to write into ``root`` when it is not there yet.
+        prompt_field: the record field holding each sample's own text for the model to read before the caption
+            (a question, an instruction); evaluation then keeps one sample per (media, text). None: captions only.
     """
 
     media_field = "image"
@@ -93,6 +94,7 @@ class ImageTextDataModule(CaptionDataModule):
         skip_bad_samples: bool = True,
         image_size: int = 224,
         generate: ShapesWorld | None = None,
+        prompt_field: str | None = None,
     ) -> None:
         super().__init__(
             root=root,
@@ -106,6 +108,7 @@ class ImageTextDataModule(CaptionDataModule):
             skip_bad_samples=skip_bad_samples,
             image_size=image_size,
             generate=generate,
+            prompt_field=prompt_field,
         )
         self.image_root = self.media_root
 

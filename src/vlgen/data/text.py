@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlgen import dist
 from vlgen.data.common import BadRecords, BadSample, make_loader, read_records, require_file
 from vlgen.data.synthetic.shapes import ShapesWorld
 from vlgen.errors import ConfigError
@@ -124,9 +124,8 @@ class TextStream(IterableDataset):
 
     def shard(self) -> tuple[int, int]:
         """``(index, count)`` of the shard this process and dataloader worker reads."""
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank = self.rank if self.rank is not None else (torch.distributed.get_rank() if dist else 0)
-        world = self.world_size if self.world_size is not None else (torch.distributed.get_world_size() if dist else 1)
+        rank = self.rank if self.rank is not None else dist.rank()
+        world = self.world_size if self.world_size is not None else dist.world_size()
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         return rank * workers + worker, world * workers

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
-from vlgen.data.captions import CaptionDataModule, CaptionItem, Transform
+from vlgen.data.captions import CaptionDataModule, CaptionItem, Transform, caption_sample
 from vlgen.data.common import BadFiles, CaptionSample, seeded_transform
 from vlgen.data.synthetic.motion import MovingShapesWorld
 from vlgen.data.video_io import (
@@ -99,8 +99,7 @@ class VideoCaptionDataset(Dataset):
             self.bad_files(str(path), err)
             return None
         pixels = transform_clip(frames, self.transform, rng.getrandbits(32))  # [T, C, H, W]
-        caption = item.captions[0] if item.captions else ""
-        return CaptionSample(pixels=pixels, caption=caption, references=list(item.captions), id=item.id)
+        return caption_sample(item, pixels)
 
 
 class VideoTextDataModule(CaptionDataModule):
@@ -129,6 +128,8 @@ class VideoTextDataModule(CaptionDataModule):
         image_size: frame side of the fallback transform, used only without a model that provides one.
         seed: seeds the random frame choices (mixed with each worker's torch seed).
         generate: a synthetic video world to write into ``root`` when it is not there yet.
+        prompt_field: the record field holding each sample's own text for the model to read before the caption
+            (a question, an instruction); evaluation then keeps one sample per (media, text). None: captions only.
     """
 
     media_field = "video"
@@ -155,6 +156,7 @@ class VideoTextDataModule(CaptionDataModule):
         image_size: int = 224,
         seed: int = 0,
         generate: MovingShapesWorld | None = None,
+        prompt_field: str | None = None,
     ) -> None:
         self.samplers = frame_samplers(num_frames, train_sampling, eval_sampling, min_frames)  # by train
         self.reader = make_reader(backend)  # before any path check: a missing library is the first thing to fix
@@ -170,6 +172,7 @@ class VideoTextDataModule(CaptionDataModule):
             skip_bad_samples=skip_bad_samples,
             image_size=image_size,
             generate=generate,
+            prompt_field=prompt_field,
         )
         self.video_root = self.media_root
         self.num_frames, self.backend, self.seed = num_frames, backend, seed

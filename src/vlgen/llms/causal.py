@@ -1,24 +1,27 @@
 """A decoder-only Hugging Face LM (``AutoModelForCausalLM``) that reads soft prompts.
 
-Training input is ``[prompts][prefix tokens][target tokens][eos]`` padded on the right (BLIP-2's layout with OPT:
-the prefix keeps its BOS), or with ``prompt_layout: sentence`` ``[bos][prompts][eos][prefix tokens][target
-tokens][eos]``, where the prompts stand where an earlier sentence of the document would; the loss covers the target
-tokens and the end-of-sequence token only. Generation input is the same without the target, padded on the left so
-every sequence ends at the last position (position ids then follow the attention mask, as ``generate`` expects).
-A ``context`` text goes before the prompts in either layout (after the BOS in ``sentence``): a chat model's turn
-opening, as LLaVA-style models place the picture inside a user message.
-"""
+Training input is ``[prompts][prefix tokens][target tokens][eos]``, each row's real prompts only, padded on the right
+(BLIP-2's layout with OPT: the prefix keeps its BOS), or with ``prompt_layout: sentence``
+``[bos][prompts][eos][prefix tokens][target tokens][eos]``, where the prompts stand where an earlier sentence of the
+document would; the loss covers the target tokens and the end-of-sequence token only. Generation input is the same
+without the target, padded on the left so every sequence ends at the last position (position ids then follow the
+attention mask, as ``generate`` expects). A ``context`` text goes before the prompts in either layout (after the BOS
+in ``sentence``). A chat model can instead build the turn with its tokenizer's own chat template (``chat_template:
+true``): the visual prompts open the user message, the prefix text (the model's prompt, a question) follows them, and
+the target is the assistant's answer, closed by the template's end-of-turn token, as LLaVA-style models place the
+picture inside a user message."""
 
 from __future__ import annotations
 
 import inspect
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 import transformers
 from torch import Tensor
 
+from vlgen.errors import ConfigError
 from vlgen.interfaces import all_real
 from vlgen.llms.decoding import Decoding
 from vlgen.llms.hf import HFLanguageModel
@@ -43,6 +46,11 @@ class CausalLM(HFLanguageModel):
             text before their BOS token (e.g. the tiny world LM) read far better.
         context: text placed before the prompts, tokenised as written (no special tokens added), e.g. an instruct
             model's ``"<|im_start|>user\\n"``; the model's ``prompt`` text then closes the turn after the prompts.
+        chat_template: lay out each sample as one user turn of the tokenizer's chat template (visual prompts, then
+            the prefix text) followed by the assistant's answer; needs a tokenizer with a chat template and excludes
+            ``context`` and the ``sentence`` layout.
+        system: the system message of that turn; ``None`` keeps whatever the template adds by itself (some add a
+            default one), ``""`` an empty one.
     """
 
     auto_class = transformers.AutoModelForCausalLM
@@ -58,10 +66,19 @@ class CausalLM(HFLanguageModel):
         build_if_missing: ModelRecipe | None = None,
         prompt_layout: Literal["prepend", "sentence"] = "prepend",
         context: str = "",
+        chat_template: bool = False,
+        system: str | None = None,
     ) -> None:
         super().__init__(name_or_path, gguf_file, dtype, frozen, decoding, max_target_tokens, build_if_missing)
         self.prompt_layout = prompt_layout
         self.context = context
+        self.chat = ChatTurn(self.tokenizer, system, name_or_path) if chat_template else None
+        if self.chat is not None and (context or prompt_layout == "sentence"):
+            raise ConfigError(
+                "llm.chat_template builds the turn itself: leave llm.context empty and the prepend layout"
+            )
+        if self.chat is not None:
+            context = self.chat.head
         self._context_ids: list[int] = self.tokenizer(context, add_special_tokens=False).input_ids if context else []
         # HF causal LMs can project only the last positions to the vocabulary (the name changed in 4.50).
         params = inspect.signature(self.model.forward).parameters
@@ -69,6 +86,8 @@ class CausalLM(HFLanguageModel):
 
     # --- tokenisation -------------------------------------------------------------------------------------------
     def _prefix_ids(self, prefix: str) -> list[int]:
+        if self.chat is not None:  # the rest of the user turn and the assistant's opening
+            return self.tokenizer(self.chat.tail(prefix), add_special_tokens=False).input_ids
         if self.prompt_layout == "sentence":  # the BOS went before the prompts; an EOS closes them
             return [self.tokenizer.eos_token_id, *self.tokenizer(prefix, add_special_tokens=False).input_ids]
         # The tokenizer's own special tokens (a BOS for Llama/OPT, none for SmolLM/GPT-2) open the text.
@@ -93,7 +112,7 @@ class CausalLM(HFLanguageModel):
         return list(ids)
 
     def _target_ids(self, prefix: str, target: str) -> list[int]:
-        text = f" {target}" if prefix else target
+        text = f" {target}" if prefix and self.chat is None else target  # a chat answer opens a new line
         ids = self.tokenizer(text, add_special_tokens=False).input_ids[: self.max_target_tokens]
         return [*ids, self.tokenizer.eos_token_id]
 
@@ -103,29 +122,38 @@ class CausalLM(HFLanguageModel):
     # --- training -----------------------------------------------------------------------------------------------
     def loss(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str], targets: list[str]) -> Tensor:
         prompts, prompt_mask = self._head(prompts, prompt_mask)
-        num_prompts = prompts.shape[1]
-        rows, labels, prefix_rows = [], [], []
-        for prefix, target in zip(prefixes, targets, strict=True):
+        batch, _, width = prompts.shape
+        # Each row keeps only its real prompts, as in generation: padded prompts are neither read nor counted in
+        # the positions, so a sample's loss does not depend on how many prompts its batch neighbours have.
+        real = [prompts[i][prompt_mask[i].bool()] for i in range(batch)]  # [M_i, D] each
+        rows, starts = [], []  # text ids per row; where each row's first target token sits
+        for i, (prefix, target) in enumerate(zip(prefixes, targets, strict=True)):
             p, t = self._prefix_ids(prefix), self._target_ids(prefix, target)
-            prefix_rows.append(p)
             rows.append(p + t)
-            labels.append([-100] * len(p) + t)
-        length = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
+            starts.append(len(real[i]) + len(p))
+        length = max(len(r) + len(x) for r, x in zip(rows, real))  # [real prompts][prefix][target], right-padded
         device = prompts.device
-        ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows], device=device)  # [B, L]
-        text_mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows], device=device)
-        label_t = torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels], device=device)
-        embeds = torch.cat([prompts, self._embed(ids)], dim=1)  # [B, M + L, D]
-        mask = torch.cat([prompt_mask.to(text_mask.dtype), text_mask], dim=1)
-        # Token t is predicted from position t - 1, so no position before the shortest prefix's last token predicts
-        # a target: the vocabulary projection (a large share of a small LM's compute) skips the prompts and prefix.
-        keep = min(length - min(len(p) for p in prefix_rows) + 1, num_prompts + length)  # last `keep` positions
+        pad = self.tokenizer.pad_token_id
+        width_text = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (width_text - len(r)) for r in rows], device=device)  # [B, T]
+        text = self._embed(ids)  # [B, T, D]
+        embeds = prompts.new_zeros(batch, length, width, dtype=self.dtype)  # [B, L, D]
+        mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+        labels = torch.full((batch, length), -100, dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            m = len(real[i])
+            embeds[i, :m] = real[i]
+            embeds[i, m : m + len(row)] = text[i, : len(row)]
+            mask[i, : m + len(row)] = 1
+            labels[i, starts[i] : m + len(row)] = ids[i, starts[i] - m : len(row)]
+        # Token t is predicted from position t - 1, so no position before the earliest first target predicts one:
+        # the vocabulary projection (a large share of a small LM's compute) skips the prompts and prefixes.
+        keep = length - min(starts) + 1  # the last `keep` positions
         out = self.model(inputs_embeds=embeds, attention_mask=mask, **{self._keep_arg: keep} if self._keep_arg else {})
         logits = out.logits[:, -keep:]  # [B, keep, V]
-        targets = label_t[:, length - keep + 1 :]  # [B, keep - 1]: what each kept position but the last predicts
+        shifted = labels[:, length - keep + 1 :]  # [B, keep - 1]: what each kept position but the last predicts
         return F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100
         )
 
     # --- generation ---------------------------------------------------------------------------------------------
@@ -155,3 +183,40 @@ class CausalLM(HFLanguageModel):
         )
         # With inputs_embeds only, decoder-only generate returns the new tokens alone.
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+class ChatTurn:
+    """One user turn of a tokenizer's chat template with the visual prompts first, split where they go.
+
+    The template is rendered with a placeholder in place of the prompts: the text before it (:attr:`head`, the same
+    for every sample) precedes the prompts, and the text after it (:meth:`tail`: the sample's prefix, the end of the
+    turn and the assistant's opening) follows them.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with a chat template.
+        system: the system message (``None``: whatever the template adds by itself).
+        name: the model, for the error when the tokenizer has no template.
+    """
+
+    PLACEHOLDER = "<<vlgen-visual-prompts>>"
+
+    def __init__(self, tokenizer: Any, system: str | None, name: str) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"llm.chat_template: the tokenizer of {name} has no chat template")
+        self.tokenizer, self.system = tokenizer, system
+        self.head = self._render("").split(self.PLACEHOLDER)[0]
+        self._tails: dict[str, str] = {}
+
+    def _render(self, prefix: str) -> str:
+        turns = [] if self.system is None else [{"role": "system", "content": self.system}]
+        turns.append({"role": "user", "content": self.PLACEHOLDER + prefix})
+        text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        if text.count(self.PLACEHOLDER) != 1:
+            raise ConfigError("llm.chat_template: the template does not keep the user message as written")
+        return text
+
+    def tail(self, prefix: str) -> str:
+        """The text after the visual prompts for ``prefix`` (cached: most runs use few distinct prefixes)."""
+        if prefix not in self._tails:
+            self._tails[prefix] = self._render(prefix).split(self.PLACEHOLDER)[1]
+        return self._tails[prefix]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from torch import Tensor
+
 from vlgen.interfaces import LanguageModel, set_frozen
 from vlgen.llms.decoding import Decoding
 from vlgen.loading import DType, ModelRecipe, load_pretrained, torch_dtype
@@ -46,6 +48,12 @@ class HFLanguageModel(LanguageModel):
     @property
     def hidden_size(self) -> int:
         return int(self.model.get_input_embeddings().embedding_dim)
+
+    def embed_text(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        table = self.model.get_input_embeddings()
+        enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        ids, mask = enc["input_ids"].to(table.weight.device), enc["attention_mask"].to(table.weight.device)
+        return table(ids), mask  # [B, T, D], [B, T]
 
     def train(self, mode: bool = True) -> HFLanguageModel:
         super().train(mode and not self.frozen)

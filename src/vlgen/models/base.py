@@ -11,17 +11,21 @@ from __future__ import annotations
 import logging
 import math
 import random
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from vlgen import artifacts
+from vlgen.dist import world_size
 from vlgen.errors import ConfigError
-from vlgen.interfaces import count_parameters
-from vlgen.loading import read_checkpoint
+from vlgen.interfaces import BridgeOutput, count_parameters
+from vlgen.loading import load_checked, read_checkpoint
+from vlgen.objectives import ModelParts, Objective
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +59,75 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class VLModule(pl.LightningModule):
-    """Base LightningModule: optimiser over trainable parameters, lean checkpoints, data-skip accounting."""
+class VLModule(pl.LightningModule, ABC):
+    """Base LightningModule: the training-step template, optimiser over trainable parameters, lean checkpoints,
+    data-skip accounting.
 
-    def __init__(self, optim: Optim | None = None) -> None:
+    The template (:meth:`training_step`) asks the subclass for its named, unweighted losses of a batch
+    (:meth:`training_losses`), multiplies each by its weight (an objective's own ``weight``, else
+    ``loss_weights[name]``, else 1), logs every term as ``train/<name>`` and the weighted sum as ``train/loss``, and
+    counts the samples the loader could not read.
+
+    Args:
+        optim: optimiser and schedule.
+        objectives: auxiliary objectives; the subclass builds them with its parts (:meth:`build_objectives`).
+    """
+
+    def __init__(self, optim: Optim | None = None, objectives: list[Objective] | None = None) -> None:
         super().__init__()
         self.optim = optim or Optim()
         self.strict_loading = False  # frozen weights are rebuilt from the config, not read from the checkpoint
         self._skipped = 0
+        self.objectives = nn.ModuleList(objectives or [])
+        self.loss_weights: dict[str, float] = {}  # the subclass's own terms; objectives carry their weight
+        self._parts: ModelParts | None = None
+
+    # --- the training step ----------------------------------------------------------------------------------------
+    def build_objectives(self, parts: ModelParts) -> None:
+        """Build every objective with this model's parts; two terms of one name stop here with one line."""
+        names = list(self.loss_weights)
+        for objective in self.objectives:
+            if objective.name in names:
+                raise ConfigError(f"model.objectives: two training terms are named {objective.name!r}")
+            names.append(objective.name)
+            objective.build(parts)
+        self._parts = parts
+
+    def objective_losses(self, out: BridgeOutput, batch: Any) -> dict[str, Tensor]:
+        """The unweighted losses of the objectives that apply to this step, by name."""
+        if self.objectives and self._parts is None:
+            raise RuntimeError(f"{type(self).__name__} must call build_objectives() in __init__")
+        losses = {}
+        for objective in self.objectives:
+            value = objective.loss(out, batch, self._parts)
+            if value is not None:
+                losses[objective.name] = value
+        return losses
+
+    @abstractmethod
+    def training_losses(self, batch: Any) -> dict[str, Tensor]:
+        """The named, unweighted losses of one batch (the subclass's terms and its objectives')."""
+
+    def loss_weight(self, name: str) -> float:
+        for objective in self.objectives:
+            if objective.name == name:
+                return objective.weight
+        return self.loss_weights.get(name, 1.0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if self.count_skipped(batch):
+            return None
+        losses = self.training_losses(batch)
+        first = next(iter(losses.values()))
+        loss = sum((self.loss_weight(k) * v for k, v in losses.items()), torch.zeros((), device=first.device))
+        size = batch_size(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=size)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.report_skipped("train")
 
     def log_parameter_counts(self) -> None:
         for name, child in self.named_children():
@@ -104,18 +169,28 @@ class VLModule(pl.LightningModule):
             "python": random.getstate(),
             "numpy": _numpy_state(),
         }
+        artifacts.describe_checkpoint(self, checkpoint)  # the model config and the frozen parts' fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = sorted(k for n, p in self.named_parameters() if p.requires_grad for k in [n])
         missing = [k for k in missing if k not in checkpoint["state_dict"]]
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}")
+        artifacts.check_frozen(self, checkpoint)  # one warning line when the frozen parts are not the saved ones
         states = checkpoint.get("rng_states")
         if states:  # the CPU generators as they were when the checkpoint was saved (rank 0's)
             torch.set_rng_state(states["torch"])
             random.setstate(states["python"])
             name, keys, pos, has_gauss, cached = states["numpy"]
             np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+    def save_pretrained(self, directory: str, config: Any = None) -> Any:
+        """Write the model config and trainable weights into ``directory`` for ``vlgen.load`` (:mod:`vlgen.artifacts`).
+
+        ``config`` (``class_path`` + ``init_args``) is needed only when the model was not built by the CLI or
+        ``vlgen.load``. Returns the directory as a ``Path``.
+        """
+        return artifacts.save_pretrained(self, directory, config)
 
     def init_weights_from(self, path: str, option: str) -> None:
         """Start from the weights a vlgen checkpoint saved (e.g. an image model's, to fine-tune it on video).
@@ -124,31 +199,17 @@ class VLModule(pl.LightningModule):
         projection); weights it holds that this model has not are logged and ignored. A checkpoint that shares no
         weight with the model, or a weight of another shape, stops with one line naming ``option``.
         """
-        saved = read_checkpoint(path, option).get("state_dict", {})
-        own = self.state_dict()
-        shared = {k: v for k, v in saved.items() if k in own}
-        for key, value in shared.items():
-            if value.shape != own[key].shape:
-                raise ConfigError(f"{option}: {key} is {tuple(value.shape)} in {path}, {tuple(own[key].shape)} here")
-        if not shared:
-            raise ConfigError(f"{option}: {path} holds none of this model's weights")
-        self.load_state_dict(shared, strict=False)
-        fresh = [n for n, p in self.named_parameters() if p.requires_grad and n not in shared]
-        log.info(
-            "%s: %d tensors from %s; %d trainable tensors start fresh%s; %d of its tensors unused",
-            option, len(shared), path, len(fresh), f" (e.g. {fresh[0]})" if fresh else "", len(saved) - len(shared),
-        )  # fmt: skip
+        load_checked(self, read_checkpoint(path, option).get("state_dict", {}), option, path, required="any")
 
     # --- bad data accounting --------------------------------------------------------------------------------------
     def count_skipped(self, batch: dict[str, Any]) -> bool:
         """Add the batch's skipped samples to the epoch count; True when nothing usable is left in the batch."""
         self._skipped += int(batch.get("num_skipped", 0))
-        first = next(iter(v for k, v in batch.items() if k != "num_skipped"))
-        return len(first) == 0
+        return batch_size(batch) == 0
 
     def report_skipped(self, stage: str) -> None:
         total = self._skipped
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if world_size() > 1:
             t = torch.tensor(total, device=self.device)
             torch.distributed.all_reduce(t)
             total = int(t.item())
@@ -156,6 +217,11 @@ class VLModule(pl.LightningModule):
         if total:
             log.warning("%s: %d unreadable samples skipped this epoch", stage, total)
         self.log(f"{stage}/skipped", float(total))  # already summed over ranks
+
+
+def batch_size(batch: dict[str, Any]) -> int:
+    """Samples in a vlgen batch (the length of its first per-sample field)."""
+    return len(next(iter(v for k, v in batch.items() if k != "num_skipped")))
 
 
 def _numpy_state() -> tuple[str, torch.Tensor, int, int, float]:

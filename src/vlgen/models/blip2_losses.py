@@ -1,59 +1,16 @@
 """BLIP-2 stage-1 objectives as pure functions, apart from the module that owns the weights.
 
 Image-text contrastive similarity (the best of the query similarities) and its loss, hard-negative sampling for
-image-text matching, the captioning (ITG) loss, retrieval recall for validation, and the cross-rank gathers these
-need (identities in a single process). Shapes: ``B`` local batch, ``M = world_size * B``, ``Q`` queries, ``E`` the
+image-text matching, the captioning (ITG) loss and retrieval recall for validation; the cross-rank gathers they
+need live in :mod:`vlgen.dist`. Shapes: ``B`` local batch, ``M = world_size * B``, ``Q`` queries, ``E`` the
 contrastive width.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-
-from vlgen.dist import rank, world_size
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather whose backward sums every rank's gradient for this rank's slice (all-reduce, then slice).
-
-    (LAVIS's ``GatherLayer``.) ``torch.distributed.nn.functional.all_gather``, whose gloo backward is an emulated
-    all-to-all, gave wrong gradients for the contrastive loss in a two-rank CPU test (torch 2.14); this is exact.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        parts = [torch.empty_like(x) for _ in range(world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        size = grad.shape[0] // world_size()
-        return grad[rank() * size : (rank() + 1) * size]
-
-
-def gather_with_grad(x: Tensor) -> Tensor:
-    """``[B, ...]`` from every rank -> ``[M, ...]`` (rank order); gradients flow back to each rank's part."""
-    if world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x)
-
-
-@torch.no_grad()
-def gather_no_grad(x: Tensor) -> Tensor:
-    """``[B, ...]`` from every rank -> ``[M, ...]`` without gradients (token ids, masks)."""
-    if world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
 
 
 def itc_similarities(
@@ -67,14 +24,6 @@ def itc_similarities(
     sim_i2t = torch.einsum("bqe,me->bmq", image_feats, text_feat_all).amax(dim=-1)  # [B, M, Q] -> [B, M]
     sim_t2i = torch.einsum("be,mqe->bmq", text_feat, image_feats_all).amax(dim=-1)  # [B, M, Q] -> [B, M]
     return sim_i2t / temp, sim_t2i / temp
-
-
-def itc_loss(sim_i2t: Tensor, sim_t2i: Tensor, offset: int, label_smoothing: float = 0.1) -> Tensor:
-    """Symmetric cross-entropy; sample ``b`` of this rank matches column ``offset + b`` (LAVIS smooths by 0.1)."""
-    targets = torch.arange(sim_i2t.shape[0], device=sim_i2t.device) + offset
-    i2t = F.cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
-    t2i = F.cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)
-    return (i2t + t2i) / 2
 
 
 def positive_mask(batch: int, total: int, offset: int, ids: list[str] | None, ids_all: list[str] | None) -> Tensor:

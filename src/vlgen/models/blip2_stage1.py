@@ -9,10 +9,12 @@ decoded from [DEC] under the multimodal causal mask. Validation reports retrieva
 Stage 2 (:class:`~vlgen.models.Captioner` with a :class:`~vlgen.bridges.QFormer` bridge) starts from this module's
 checkpoint with ``QFormer(init_from=...)``: only the ``qformer.`` weights carry over.
 
-P-Former alignment (``alignment``, arXiv 2307.07063) adds ``weight * MSE`` between the query outputs, projected to
-the LLM width, and a frozen P-Former's prompts of the caption. As in the reference (BLIText's stage-1 model), that
-projection is created here with the width of the P-Former's stage-0 checkpoint (no LLM is loaded), is trained by the
-alignment loss alone, and is saved in the checkpoint as ``qformer.language_projection.*``.
+Objectives listed under ``objectives`` read the Q-Former's output as a bridge's: prompts are the query outputs
+projected to the LLM width, pooled is their mean. P-Former alignment (:class:`~vlgen.objectives.PromptAlignment`,
+arXiv 2307.07063) adds ``weight * MSE`` between those prompts and a frozen P-Former's prompts of the caption. As in
+the reference (BLIText's stage-1 model), the projection is created here with the width an objective names (the
+P-Former's stage-0 checkpoint: no LLM is loaded), is trained by the alignment loss alone, and is saved in the
+checkpoint as ``qformer.language_projection.*``.
 """
 
 from __future__ import annotations
@@ -25,15 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlgen.bridges.qformer import QFormer
-from vlgen.dist import gather_objects, rank, world_size
+from vlgen.dist import gather_no_grad, gather_objects, gather_with_grad, rank, world_size
 from vlgen.errors import ConfigError
 from vlgen.interfaces import CaptionBatch, VisualEncoder, masked_mean
-from vlgen.models.alignment import PromptAlignment
 from vlgen.models.base import Optim, VLModule
 from vlgen.models.blip2_losses import (
-    gather_no_grad,
-    gather_with_grad,
-    itc_loss,
     itc_similarities,
     itg_loss,
     itg_targets,
@@ -42,6 +40,7 @@ from vlgen.models.blip2_losses import (
     retrieval_recall,
     sample_negatives,
 )
+from vlgen.objectives import ModelParts, Objective, itc_loss
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,8 @@ class Blip2Stage1(VLModule):
             ``mean`` of its token outputs (for sentence encoders trained with mean pooling, such as MiniLM, whose
             [CLS] output barely differs between sentences, so ITC starts from collapsed text features).
         optim: optimiser and schedule.
-        alignment: P-Former prompt alignment of the query outputs projected to the LLM width (logged as ``align``).
+        objectives: auxiliary objectives on the query outputs (e.g. :class:`~vlgen.objectives.PromptAlignment`,
+            logged as ``align``); the first that names an LLM width sizes the projection to it.
     """
 
     def __init__(
@@ -77,9 +77,9 @@ class Blip2Stage1(VLModule):
         temperature: float = 0.07,
         text_pooling: Literal["cls", "mean"] = "cls",
         optim: Optim | None = None,
-        alignment: PromptAlignment | None = None,
+        objectives: list[Objective] | None = None,
     ) -> None:
-        super().__init__(optim)
+        super().__init__(optim, objectives)
         if qformer.tokenizer is None:
             raise ConfigError("model.qformer.text_input must be true for BLIP-2 stage 1 (ITC, ITM and ITG read text)")
         if max_text_len > qformer.config.max_position_embeddings:
@@ -89,10 +89,11 @@ class Blip2Stage1(VLModule):
             )
         self.encoder = encoder
         self.qformer = qformer
-        # No LLM in stage 1: a projection to the LLM width only for the alignment (the width of its checkpoint).
-        llm_dim = None if alignment is None else alignment.build(qformer.num_queries)
+        # No LLM in stage 1: a projection to the LLM width only for an objective that names one (alignment: the
+        # width of its stage-0 checkpoint).
+        llm_dim = next((w for w in (o.llm_width() for o in self.objectives) if w is not None), None)
         qformer.build(encoder.embed_dim, llm_dim)
-        self.alignment = alignment
+        self.build_objectives(ModelParts(encoder, qformer, None))
         hidden = qformer.hidden_size
         self.vision_proj = nn.Linear(hidden, embed_dim)
         self.text_proj = nn.Linear(hidden, embed_dim)
@@ -100,7 +101,7 @@ class Blip2Stage1(VLModule):
         self.temp = nn.Parameter(torch.tensor(float(temperature)))
         self.max_text_len = max_text_len
         self.text_pooling = text_pooling
-        self.weights = {"itc": itc_weight, "itm": itm_weight, "itg": itg_weight, "align": 1.0}  # align: own weight
+        self.loss_weights = {"itc": itc_weight, "itm": itm_weight, "itg": itg_weight}
         self._val: list[dict[str, Any]] = []
         self.log_parameter_counts()
 
@@ -131,10 +132,13 @@ class Blip2Stage1(VLModule):
         return F.normalize(self.text_proj(pooled), dim=-1)  # [B, E]
 
     # --- training -------------------------------------------------------------------------------------------------
-    def compute_losses(self, tokens: Tensor, captions: list[str], ids: list[str] | None = None) -> dict[str, Tensor]:
+    def compute_losses(
+        self, tokens: Tensor, captions: list[str], ids: list[str] | None = None, data: CaptionBatch | None = None
+    ) -> dict[str, Tensor]:
         """Unweighted ``itc``, ``itm`` (absent when no negative exists, e.g. a batch of one) and ``itg`` losses for
-        visual tokens ``[B, N, Dv]`` and their captions, plus the (self-weighted) ``align`` loss with an alignment;
-        ``ids`` mark captions of one image as mutual positives."""
+        visual tokens ``[B, N, Dv]`` and their captions, plus the objectives' losses (by their names), which read
+        ``data`` (the batch; by default one made of the captions and ids); ``ids`` mark captions of one image as mutual
+        positives."""
         batch = tokens.shape[0]
         # Equal text shapes on every rank for the ITM gathers; a single process pads to the longest caption only.
         input_ids, att = self.qformer.tokenize(captions, self.max_text_len, pad_to_max=world_size() > 1)  # [B, T]
@@ -147,9 +151,11 @@ class Blip2Stage1(VLModule):
             image_feats, text_feat, gather_with_grad(image_feats), gather_with_grad(text_feat), self.temp
         )
         losses = {"itc": itc_loss(sim_i2t, sim_t2i, offset)}
-        if self.alignment is not None:
-            assert self.qformer.language_projection is not None
-            losses["align"] = self.alignment.loss(self.qformer.language_projection(queries), captions)
+        if self.objectives:
+            if data is None:
+                refs = [[c] for c in captions]
+                data = CaptionBatch(pixels=tokens[:0], captions=captions, references=refs, ids=ids or [], num_skipped=0)
+            losses.update(self.objective_losses(self.qformer.output(queries), data))
         itm = self._itm_loss(tokens, input_ids, att, sim_i2t.detach(), sim_t2i.detach(), offset, ids)
         if itm is not None:
             losses["itm"] = itm
@@ -185,20 +191,9 @@ class Blip2Stage1(VLModule):
         logits = self.itm_head(queries).mean(dim=1)  # [P, Q, 2] -> [P, 2]
         return F.cross_entropy(logits, itm_labels(batch, num_neg, logits.device))
 
-    def training_step(self, batch: CaptionBatch, batch_idx: int) -> Tensor | None:
-        if self.count_skipped(batch):
-            return None
-        losses = self.compute_losses(self.encoder(batch["pixels"]), batch["captions"], batch["ids"])
-        loss = sum((self.weights[k] * v for k, v in losses.items()), torch.zeros((), device=losses["itc"].device))
-        size = len(batch["captions"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        for name, value in losses.items():
-            self.log(f"train/{name}", value, batch_size=size)
-        self.log("train/temp", self.temp.detach(), batch_size=size)
-        return loss
-
-    def on_train_epoch_end(self) -> None:
-        self.report_skipped("train")
+    def training_losses(self, batch: CaptionBatch) -> dict[str, Tensor]:
+        self.log("train/temp", self.temp.detach(), batch_size=len(batch["captions"]))
+        return self.compute_losses(self.encoder(batch["pixels"]), batch["captions"], batch["ids"], batch)
 
     # --- validation: retrieval recall -----------------------------------------------------------------------------
     def validation_step(self, batch: CaptionBatch, batch_idx: int) -> None:

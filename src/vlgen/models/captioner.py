@@ -1,10 +1,13 @@
 """The captioning LightningModule: encoder -> bridge -> frozen LLM.
 
 It knows the three interfaces, not their implementations, so a new bridge or encoder is a YAML change. Training
-minimises the LM loss on caption tokens plus whatever auxiliary losses the bridge returns (each logged), plus an
-optional P-Former prompt alignment (:class:`~vlgen.models.PromptAlignment`, logged as ``train/align``). Validation
-and test generate captions and score them with :class:`~vlgen.metrics.CaptionMetrics`; test also writes
-``metrics.json`` and ``predictions.jsonl`` into the run's log directory; predict writes ``{"id", "caption"}`` lines.
+minimises the LM loss on the target tokens (logged as ``train/lm_loss``) plus whatever auxiliary losses the bridge
+returns and the listed objectives (:mod:`vlgen.objectives`: P-Former alignment, contrastive terms), each with its
+weight, summed by :class:`~vlgen.models.VLModule`'s training step. The text between the visual prompts and the
+target is ``prompt``, or, for a batch that carries per-sample text (``prompts``: a question, an instruction),
+``prompt_template`` filled with it, so captioning, VQA and instruction data share this module. Validation and test
+generate text and score it with :class:`~vlgen.metrics.CaptionMetrics`; test also writes ``metrics.json`` and
+``predictions.jsonl`` into the run's log directory; predict writes ``{"id", "caption"}`` lines.
 """
 
 from __future__ import annotations
@@ -14,31 +17,34 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from vlgen.dist import gather_objects
+from vlgen.errors import ConfigError
 from vlgen.interfaces import Bridge, BridgeOutput, CaptionBatch, LanguageModel, VisualEncoder
 from vlgen.metrics import CaptionMetrics
-from vlgen.models.alignment import PromptAlignment, bridge_prompt_count
 from vlgen.models.base import Optim, VLModule
+from vlgen.objectives import ModelParts, Objective
 
 log = logging.getLogger(__name__)
 
 
 class Captioner(VLModule):
-    """Image or video captioning with a frozen LLM.
+    """Image or video captioning (and per-sample prompted generation, e.g. VQA) with a frozen LLM.
 
     Args:
         encoder: the visual encoder (frozen unless its config says otherwise).
         bridge: visual tokens -> LLM prompts; its widths are derived from the encoder and the LLM.
         llm: the language model (frozen unless its config says otherwise).
-        prompt: text placed after the visual prompts, before the caption (BLIP-2 uses "a photo of").
+        prompt: text placed after the visual prompts, before the target, for samples without text of their own
+            (BLIP-2 uses "a photo of").
+        prompt_template: the text for a sample that carries its own (a batch's ``prompts``): ``{}`` is replaced by
+            it, e.g. BLIP-2's VQA template ``"Question: {} Short answer:"``.
         optim: optimiser and schedule.
         num_logged_samples: images kept from the first validation batch for caption tables (W&B).
-        alignment: pull the bridge's prompts towards a frozen P-Former's prompts of the caption (its prompt count
-            must equal the bridge's; checked here).
+        objectives: auxiliary training objectives with their own weights (:mod:`vlgen.objectives`), e.g.
+            :class:`~vlgen.objectives.PromptAlignment` or :class:`~vlgen.objectives.SentenceContrast`.
         init_from: a vlgen checkpoint whose saved weights initialise this model before training, e.g. an image
             model's to fine-tune it on video; weights it lacks (new temporal modules) keep their initialisation.
     """
@@ -49,21 +55,21 @@ class Captioner(VLModule):
         bridge: Bridge,
         llm: LanguageModel,
         prompt: str = "a photo of",
+        prompt_template: str = "{}",
         optim: Optim | None = None,
         num_logged_samples: int = 8,
-        alignment: PromptAlignment | None = None,
+        objectives: list[Objective] | None = None,
         init_from: str | None = None,
     ) -> None:
-        super().__init__(optim)
+        super().__init__(optim, objectives)
+        if prompt_template.count("{}") != 1:
+            raise ConfigError(f"model.prompt_template must hold exactly one {{}}, got {prompt_template!r}")
         self.encoder = encoder
         self.bridge = bridge
         self.llm = llm
         self.bridge.build(encoder.embed_dim, llm.hidden_size)
-        self.alignment = alignment
-        self._alignment_waits = False  # logged once: prompts and teacher disagree in count during a merge ramp
-        if alignment is not None:
-            alignment.build(bridge_prompt_count(encoder, bridge), llm.hidden_size)
-        self.prompt = prompt
+        self.build_objectives(ModelParts(encoder, bridge, llm))
+        self.prompt, self.prompt_template = prompt, prompt_template
         self.num_logged_samples = num_logged_samples
         self.val_metrics = CaptionMetrics()
         self.test_metrics = CaptionMetrics()
@@ -81,44 +87,32 @@ class Captioner(VLModule):
         tokens = self.encoder(pixels)  # [B, N, Dv] (video encoders fold time in)
         return self.bridge(tokens)  # prompts [B, M, Dllm]
 
-    def caption(self, pixels: Tensor) -> list[str]:
-        """Generate one caption per image (or video)."""
+    def prefixes(self, size: int, prompts: list[str] | None = None) -> list[str]:
+        """The text after the visual prompts for each of ``size`` samples: ``prompt_template`` filled with the
+        sample's own text where there is one, else ``prompt``."""
+        if prompts is None:
+            return [self.prompt] * size
+        return [self.prompt_template.format(p) for p in prompts]
+
+    def caption(self, pixels: Tensor, prompts: list[str] | None = None) -> list[str]:
+        """Generate one text per image (or video), after each sample's own prompt text when given."""
         out = self(pixels)
-        return self.llm.generate(out.prompts, out.mask, [self.prompt] * len(pixels))
+        return self.llm.generate(out.prompts, out.mask, self.prefixes(len(pixels), prompts))
 
     # --- training -------------------------------------------------------------------------------------------------
-    def training_step(self, batch: CaptionBatch, batch_idx: int) -> Tensor | None:
-        if self.count_skipped(batch):
-            return None
+    def training_losses(self, batch: CaptionBatch) -> dict[str, Tensor]:
         out = self(batch["pixels"])
-        out.losses.update(self.bridge.text_losses(out, batch["captions"]))
-        if self.alignment is not None:  # already weighted; summed and logged with the bridge's own losses
-            if out.prompts.shape[1] == self.alignment.num_prompts:
-                out.losses["align"] = self.alignment.loss(out.prompts, batch["captions"], out.mask)
-            elif not self._alignment_waits:  # checked at build: only a merge ramp under way gets here
-                self._alignment_waits = True
-                log.info(
-                    "alignment: the bridge gives %d prompts, not the P-Former's %d, while its merging ramps up; "
-                    "alignment applies from the step they agree",
-                    out.prompts.shape[1], self.alignment.num_prompts,
-                )  # fmt: skip
-        lm_loss = self.llm.loss(out.prompts, out.mask, [self.prompt] * len(batch["captions"]), batch["captions"])
-        loss = lm_loss + sum(out.losses.values(), torch.zeros((), device=lm_loss.device))
-        size = len(batch["captions"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/lm_loss", lm_loss, batch_size=size)
-        for name, value in out.losses.items():
-            self.log(f"train/{name}", value, batch_size=size)
-        return loss
-
-    def on_train_epoch_end(self) -> None:
-        self.report_skipped("train")
+        prefixes = self.prefixes(len(batch["captions"]), batch.get("prompts"))
+        losses = {"lm_loss": self.llm.loss(out.prompts, out.mask, prefixes, batch["captions"])}
+        losses.update(out.losses)  # the bridge's own auxiliary terms (weight 1)
+        losses.update(self.objective_losses(out, batch))
+        return losses
 
     # --- evaluation -----------------------------------------------------------------------------------------------
     def _evaluate(self, batch: CaptionBatch, metrics: CaptionMetrics) -> list[str]:
         if self.count_skipped(batch):
             return []
-        preds = self.caption(batch["pixels"])
+        preds = self.caption(batch["pixels"], batch.get("prompts"))
         metrics.update(preds, batch["references"], ids=batch["ids"])
         return preds
 
@@ -137,8 +131,10 @@ class Captioner(VLModule):
 
     def test_step(self, batch: CaptionBatch, batch_idx: int) -> None:
         preds = self._evaluate(batch, self.test_metrics)
-        for i, caption, refs in zip(batch["ids"], preds, batch["references"], strict=True):
-            self._outputs.append({"id": i, "caption": caption, "references": refs})
+        prompts = batch.get("prompts")
+        for k, (i, caption, refs) in enumerate(zip(batch["ids"], preds, batch["references"], strict=True)):
+            row = {"id": i, "caption": caption, "references": refs}
+            self._outputs.append(row if prompts is None else {"id": i, "prompt": prompts[k], **row})
 
     def on_test_epoch_end(self) -> None:
         scores = self._log_metrics("test", self.test_metrics)
@@ -154,7 +150,8 @@ class Captioner(VLModule):
     def predict_step(self, batch: CaptionBatch, batch_idx: int) -> list[dict[str, str]]:
         if self.count_skipped(batch):
             return []
-        rows = [{"id": i, "caption": c} for i, c in zip(batch["ids"], self.caption(batch["pixels"]), strict=True)]
+        captions = self.caption(batch["pixels"], batch.get("prompts"))
+        rows = [{"id": i, "caption": c} for i, c in zip(batch["ids"], captions, strict=True)]
         self._outputs.extend(rows)
         return rows
 

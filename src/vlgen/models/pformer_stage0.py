@@ -24,11 +24,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from vlgen.bridges.pformer import PFormer
-from vlgen.dist import rank
+from vlgen.dist import gather_with_grad, rank
 from vlgen.errors import ConfigError
 from vlgen.interfaces import LanguageModel, TextBatch
 from vlgen.models.base import Optim, VLModule
-from vlgen.models.blip2_losses import gather_with_grad
+from vlgen.objectives import itc_loss
 
 
 def mask_tokens(
@@ -51,13 +51,9 @@ def self_contrastive_loss(
 ) -> Tensor:
     """Symmetric InfoNCE between two views ``a, b [B, E]`` (normalised) of the same sentences; ``a_all, b_all
     [M, E]`` are the views of the whole (gathered) batch, where this rank's rows start at ``offset``."""
-    targets = torch.arange(a.shape[0], device=a.device) + offset
     a2b = a @ b_all.t() / temperature  # [B, M]
     b2a = b @ a_all.t() / temperature  # [B, M]
-    return (
-        F.cross_entropy(a2b, targets, label_smoothing=label_smoothing)
-        + F.cross_entropy(b2a, targets, label_smoothing=label_smoothing)
-    ) / 2
+    return itc_loss(a2b, b2a, offset, label_smoothing)
 
 
 def vq_loss(prompts: Tensor, vocab: Tensor, chunk: int = 4096) -> Tensor:
@@ -115,7 +111,7 @@ class PFormerStage0(VLModule):
         self.pformer, self.llm = pformer, llm
         pformer.build(llm.hidden_size)
         self.text_proj = nn.Linear(pformer.hidden_size, embed_dim)
-        self.weights = {"lm": lm_weight, "contrastive": contrastive_weight, "vq": vq_weight}
+        self.loss_weights = {"lm": lm_weight, "contrastive": contrastive_weight, "vq": vq_weight}
         self.mask_prob, self.temperature, self.label_smoothing = mask_prob, temperature, label_smoothing
         self.num_logged_samples = num_logged_samples
         special = torch.tensor(sorted(pformer.tokenizer.all_special_ids), dtype=torch.long)
@@ -143,13 +139,14 @@ class PFormerStage0(VLModule):
         """Unweighted ``lm``, ``contrastive`` and ``vq`` losses of ``texts`` (those with a non-zero weight)."""
         ids, att = self.pformer.tokenize(texts)  # [B, T]
         losses: dict[str, Tensor] = {}
-        if self.weights["lm"] or self.weights["vq"]:
+        weights = self.loss_weights
+        if weights["lm"] or weights["vq"]:
             prompts = self.pformer.to_prompts(self.pformer.sentence_features(ids, att))  # [B, P, Dllm]
-            if self.weights["lm"]:
+            if weights["lm"]:
                 losses["lm"] = self.llm.loss(prompts, None, [""] * len(texts), texts)
-            if self.weights["vq"]:
+            if weights["vq"]:
                 losses["vq"] = vq_loss(prompts, self.vocabulary())
-        if self.weights["contrastive"]:
+        if weights["contrastive"]:
             mask_id = int(self.pformer.tokenizer.mask_token_id)
             views = [mask_tokens(ids, att, self.special_ids, mask_id, self.mask_prob, generator) for _ in range(2)]
             a, b = (F.normalize(self.text_proj(self.pformer.sentence_features(v, att)), dim=-1) for v in views)
@@ -159,22 +156,11 @@ class PFormerStage0(VLModule):
         return losses
 
     def _total(self, losses: dict[str, Tensor]) -> Tensor:
-        return sum((self.weights[k] * v for k, v in losses.items()), torch.zeros((), device=self.device))
+        return sum((self.loss_weight(k) * v for k, v in losses.items()), torch.zeros((), device=self.device))
 
     # --- training -------------------------------------------------------------------------------------------------
-    def training_step(self, batch: TextBatch, batch_idx: int) -> Tensor | None:
-        if self.count_skipped(batch):  # type: ignore[arg-type]
-            return None
-        losses = self.compute_losses(batch["text"])
-        loss = self._total(losses)
-        size = len(batch["text"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        for name, value in losses.items():
-            self.log(f"train/{name}", value, batch_size=size)
-        return loss
-
-    def on_train_epoch_end(self) -> None:
-        self.report_skipped("train")
+    def training_losses(self, batch: TextBatch) -> dict[str, Tensor]:
+        return self.compute_losses(batch["text"])
 
     # --- validation -----------------------------------------------------------------------------------------------
     def validation_step(self, batch: TextBatch, batch_idx: int) -> None:
