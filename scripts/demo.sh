@@ -24,16 +24,26 @@ CONFIG=(--config "$CONFIGS/shapes_smollm2.yaml" "${OVERLAY[@]}")
 step "train (world, encoder, SmolLM2 on first use)" "$BIN/vlgen" fit "${CONFIG[@]}"
 step "test on the held-out split" "$BIN/vlgen" test "${CONFIG[@]}" --config "$CONFIGS/test.yaml" \
   --ckpt_path $OUT/fit/checkpoints/last.ckpt
+step "zero-shot VQA on held-out questions" "$BIN/vlgen" test "${CONFIG[@]}" --config "$CONFIGS/vqa.yaml" \
+  --ckpt_path $OUT/fit/checkpoints/last.ckpt
+step "question-only baseline (blank pictures)" "$BIN/vlgen" test "${CONFIG[@]}" --config "$CONFIGS/vqa.yaml" \
+  --ckpt_path $OUT/fit/checkpoints/last.ckpt --model.init_args.blank_images true \
+  --trainer.logger.init_args.version vqa-blank
 step "caption scikit-image's sample photos" "$BIN/vlgen" predict "${CONFIG[@]}" --config "$CONFIGS/predict.yaml" \
   --ckpt_path $OUT/fit/checkpoints/last.ckpt --data.init_args.predict_dir pkg:skimage/data
 
 echo -e "\n=== vlgen demo: held-out results"
 "$BIN/vlgen" report $OUT/test --world data/demo-shapes --samples 8
+echo -e "\n=== vlgen demo: zero-shot VQA (the captioner was never trained on a question)"
+"$BIN/vlgen" report $OUT/vqa --samples 4
+echo -e "\n=== vlgen demo: the same questions with every picture blank (what the LLM guesses from the question alone)"
+"$BIN/vlgen" report $OUT/vqa-blank --samples 0
 echo -e "\n=== vlgen demo: captions of ordinary photos (a model trained on coloured shapes: the path works, the words do not)"
 "$BIN/vlgen" report $OUT/predict --samples 8
 echo -e "\n=== vlgen demo: where things are"
 echo "  checkpoint      $OUT/fit/checkpoints/last.ckpt"
 echo "  test results    $OUT/test/metrics.json, $OUT/test/predictions.jsonl"
+echo "  VQA results     $OUT/vqa/metrics.json, $OUT/vqa/vqa_submission.json, $OUT/vqa-blank/metrics.json"
 echo "  W&B (offline)   $(ls -d $OUT/wandb/offline-run-* 2>/dev/null | tr '\n' ' ')(upload with: wandb sync DIR)"
 echo -e "\n=== vlgen demo: time per step"
 printf '  %s\n' "${TIMES[@]}"

@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 class _PerSampleText(TypedDict, total=False):
     prompts: list[str]
+    targets: list[list[str]]
+    target_weights: list[list[float]]
+    answer_types: list[str]
+    question_types: list[str]
 
 
 class CaptionBatch(_PerSampleText):
@@ -36,6 +40,10 @@ class CaptionBatch(_PerSampleText):
         num_skipped: samples dropped from this batch because their file or text was unreadable.
         prompts: optional; per-sample text the LLM reads after the visual prompts and before the target (a VQA
             question, an instruction), formatted by the model's ``prompt_template``. Absent: the model's ``prompt``.
+        targets: optional, training; several targets per sample, each weighted by ``target_weights`` (a VQA
+            question's distinct answers and their share of the annotators). Absent: ``captions``, weight 1.
+        answer_types, question_types: optional, evaluation; each question's types (VQAv2's ``yes/no`` ...), for
+            per-type accuracy.
     """
 
     pixels: Tensor
@@ -121,12 +129,23 @@ class LanguageModel(nn.Module, ABC):
         """Width of the input embeddings, which the bridge must produce."""
 
     @abstractmethod
-    def loss(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str], targets: list[str]) -> Tensor:
-        """Mean cross-entropy over the target tokens only, given ``[prompts][prefix text]`` as context."""
+    def loss(
+        self,
+        prompts: Tensor,
+        prompt_mask: Tensor | None,
+        prefixes: list[str],
+        targets: list[str],
+        weights: Tensor | None = None,
+    ) -> Tensor:
+        """Mean cross-entropy over the target tokens only, given ``[prompts][prefix text]`` as context; with
+        ``weights [B]``, the weighted mean over samples of each sample's mean token cross-entropy."""
 
     @abstractmethod
-    def generate(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str]) -> list[str]:
-        """Decode one string per sample after ``[prompts][prefix text]``."""
+    def generate(
+        self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str], decoding: Any = None
+    ) -> list[str]:
+        """Decode one string per sample after ``[prompts][prefix text]``, with ``decoding`` (a
+        :class:`~vlgen.llms.Decoding`) in place of the model's own settings when given."""
 
     @abstractmethod
     def embed_text(self, texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -147,6 +166,26 @@ class ProvidesImageTransform(Protocol):
     """A model that tells data modules how to turn a PIL image into its encoder's input."""
 
     def image_transform(self, train: bool) -> Callable[[Any], Tensor]: ...
+
+
+@runtime_checkable
+class ReadsText(Protocol):
+    """A bridge that can also read each sample's text (a question, an instruction) beside the visual tokens, as
+    BLIP-2's VQA fine-tuning and InstructBLIP's instruction-aware Q-Former do."""
+
+    def forward_with_text(self, tokens: Tensor, mask: Tensor | None, texts: list[str]) -> BridgeOutput: ...
+
+
+@runtime_checkable
+class EvaluationTask(Protocol):
+    """What a data module's task (:class:`~vlgen.data.VQATask`) tells the model about evaluating its splits: the
+    metric, the decoding settings (``None``: the LLM's own) and the official results file."""
+
+    decoding: Any
+
+    def make_metric(self) -> Any: ...
+
+    def submission(self, rows: list[dict[str, Any]]) -> tuple[str, Any]: ...
 
 
 @runtime_checkable

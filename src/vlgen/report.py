@@ -1,7 +1,8 @@
 """What a finished test run scored, as a person reads it: ``vlgen report RUN_DIR [--world ROOT]``.
 
 ``vlgen test`` writes ``metrics.json`` and ``predictions.jsonl`` into its log directory; the report prints the
-metrics (CIDEr-D also on the papers' x100 scale), a few images' generated and reference captions, and - for a run
+metrics (CIDEr-D also on the papers' x100 scale; for a VQA run its accuracy, per answer type, and a few questions
+with the answer given and the annotators' answers), a few images' generated and reference captions, and - for a run
 on a synthetic world - the **fact accuracy**: the share of test images (or clips) whose caption states every fact
 of the world's own ground truth, checked by the world's checker (colour, shape, size and relations for the shapes
 world; motion too for the moving-shapes world). CIDEr on a small-vocabulary world flatters; the facts do not.
@@ -10,6 +11,7 @@ world; motion too for the moving-shapes world). CIDEr on a small-vocabulary worl
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,10 +78,12 @@ def render_report(run_dir: str | Path, world_root: str | Path | None = None, sam
     """The report's text: metrics, fact accuracy (with a world) and ``samples`` generated vs reference captions."""
     run = Path(run_dir)
     predictions = read_predictions(run)
-    lines = [f"run: {run}  ({len(predictions)} captions)"]
     metrics_file = run / "metrics.json"
-    if metrics_file.is_file():
-        metrics = json.loads(metrics_file.read_text())
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    if "accuracy" in metrics or (predictions and "prompt" in predictions[0] and "CIDEr" not in metrics):
+        return _vqa_report(run, predictions, metrics, samples)
+    lines = [f"run: {run}  ({len(predictions)} captions)"]
+    if metrics:
         if "CIDEr" in metrics:
             lines.append(f"  CIDEr-D  {metrics['CIDEr']:.3f}  ({100 * metrics['CIDEr']:.1f} on the papers' x100 scale)")
         lines += [f"  {name:<8} {metrics[name]:.3f}" for name in METRICS[1:] if name in metrics]
@@ -95,6 +99,23 @@ def render_report(run_dir: str | Path, world_root: str | Path | None = None, sam
         lines.append(f"    generated: {p['caption']}")
         if p.get("references"):
             lines.append(f"    reference: {p['references'][0]}")
+    return "\n".join(lines)
+
+
+def _vqa_report(run: Path, predictions: list[dict[str, Any]], metrics: dict[str, float], samples: int) -> str:
+    lines = [f"run: {run}  ({len(predictions)} questions)"]
+    if "accuracy" in metrics:
+        lines.append(f"  VQA accuracy  {metrics['accuracy']:.2f}%  (official evaluation, unrounded in metrics.json)")
+        by_type = {k.split("=", 1)[1]: v for k, v in metrics.items() if k.startswith("answer_type=")}
+        lines += [f"    {name:<10} {value:.2f}%" for name, value in by_type.items()]
+    else:
+        lines.append("  no accuracy: the split has no answers (the submission file holds the predictions)")
+    for p in predictions[:samples]:
+        lines.append(f"  {p['id']}  {p.get('prompt', '')}")
+        lines.append(f"    answer:     {p['caption']}")
+        if p.get("references"):
+            counts = Counter(p["references"])
+            lines.append("    annotators: " + ", ".join(f"{a} x{n}" if n > 1 else a for a, n in counts.most_common()))
     return "\n".join(lines)
 
 

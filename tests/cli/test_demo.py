@@ -1,4 +1,5 @@
-"""`make demo`'s script, shrunk: every step of the real demo (fit, test, predict on photos, report) on SmolLM2."""
+"""`make demo`'s script, shrunk: every step of the real demo (fit, test, zero-shot VQA, predict on photos, report)
+on SmolLM2."""
 
 from __future__ import annotations
 
@@ -67,3 +68,10 @@ def test_demo_script_runs_every_step_and_reports(tmp_path):
     assert len(list((runs / "wandb").glob("offline-run-*"))) == 2  # the fit's and the test's, ready for wandb sync
     assert (runs / "fit" / "checkpoints" / "last.ckpt").is_file()
     assert "time per step" in out and "train (world, encoder, SmolLM2 on first use)" in out
+    # Zero-shot VQA of the captioner and its question-only baseline: three questions per test image, each scored
+    for run in ("vqa", "vqa-blank"):
+        scores = json.loads((runs / run / "metrics.json").read_text())
+        assert 0.0 <= scores["accuracy"] <= 100.0 and "answer_type=yes/no" in scores
+    answers = json.loads((runs / "vqa" / "vqa_submission.json").read_text())
+    assert len(answers) == 8 * 3 and all(isinstance(a["question_id"], int) for a in answers)
+    assert out.count("VQA accuracy") == 2 and "question-only baseline (blank pictures)" in out

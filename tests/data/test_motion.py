@@ -22,6 +22,7 @@ from vlgen.data.synthetic.motion import MOTIONS, SPEEDS, canonical_caption, obje
 from vlgen.data.synthetic.shapes import COLORS, SIZES
 from vlgen.errors import ConfigError
 
+VQA_FILES = ("vqa_train.json", "vqa_val.json", "vqa_test.json")
 SMALL = {"num_train": 6, "num_val": 3, "num_test": 3, "num_text": 23, "image_size": 32, "num_frames": 8}
 
 
@@ -208,7 +209,7 @@ def test_a_written_world_has_the_msrvtt_layout_and_decodes(tmp_path):
     world = MovingShapesWorld(seed=2, captions_per_video=3, **SMALL)
     root = world.write(tmp_path / "w")
     assert sorted(p.name for p in root.iterdir()) == sorted(
-        ["videos", "train.json", "val.json", "test.json", "corpus.txt", "world.json"]
+        ["videos", "train.json", "val.json", "test.json", "corpus.txt", "world.json", *VQA_FILES]
     )
     train = json.loads((root / "train.json").read_text())
     assert len(train) == 6 * 3 and all(set(r) == {"video", "caption", "video_id"} for r in train)
@@ -219,7 +220,7 @@ def test_a_written_world_has_the_msrvtt_layout_and_decodes(tmp_path):
         f"{s}_{i:06d}.mp4" for s, n in (("train", 6), ("val", 3), ("test", 3)) for i in range(n)
     )
     marker = json.loads((root / "world.json").read_text())
-    assert marker == {**world.args, "version": 1, "kind": "moving_shapes"}
+    assert marker == {**world.args, "version": 2, "kind": "moving_shapes"}
     for split in ("val", "test"):
         records = json.loads((root / f"{split}.json").read_text())
         assert [r["video_id"] for r in records] == [f"{split}_{i:06d}" for i in range(3)]
@@ -246,7 +247,7 @@ def test_writing_is_reproducible_to_the_byte(tmp_path):
     a = MovingShapesWorld(seed=4, **SMALL).write(tmp_path / "a")
     b = MovingShapesWorld(seed=4, **SMALL).write(tmp_path / "b")
     names = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert names == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and len(names) == 5 + 12
+    assert names == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and len(names) == 8 + 12
     assert all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
 
@@ -300,6 +301,8 @@ def test_bad_arguments_are_named_and_the_cli_builds():
         MovingShapesWorld(image_size=33)
     with pytest.raises(ConfigError, match="max_objects"):
         MovingShapesWorld(max_objects=4)
+    with pytest.raises(ConfigError, match=r"world\.questions_per_video"):
+        MovingShapesWorld(questions_per_video=-1)
     parser = ArgumentParser()
     parser.add_class_arguments(MovingShapesWorld, "world")
     world = parser.instantiate_classes(parser.parse_args(["--world.num_frames=8", "--world.fps=4"])).world

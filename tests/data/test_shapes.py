@@ -101,6 +101,9 @@ def test_bad_arguments_are_named():
         ShapesWorld(captions_per_image=0)
     with pytest.raises(ConfigError, match="captions_per_image"):
         ShapesWorld(captions_per_image=11)
+    with pytest.raises(ConfigError, match=r"world\.questions_per_image") as err:
+        ShapesWorld(questions_per_image=-1)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("count", [1, 5, 10])

@@ -217,3 +217,26 @@ def test_chat_template_errors_are_one_line(tiny_llm_dir, chat_dir):
         CausalLM(str(tiny_llm_dir), chat_template=True)
     with pytest.raises(ConfigError, match=r"^llm\.chat_template builds the turn itself"):
         CausalLM(str(chat_dir), chat_template=True, context="a picture")
+
+
+def test_weighted_loss_is_the_weighted_mean_of_each_samples_own_loss(llm):
+    torch.manual_seed(2)
+    prompts = torch.randn(3, 3, 64)
+    targets = ["red", "a small blue square to the left of a green triangle", "two"]
+    singles = torch.stack([llm.loss(prompts[i : i + 1], None, ["q"], [targets[i]]) for i in range(3)])
+    weights = torch.tensor([0.6, 0.3, 0.1])
+    weighted = llm.loss(prompts, None, ["q"] * 3, targets, weights)
+    assert torch.allclose(weighted, (weights * singles).sum() / weights.sum(), atol=1e-5)
+    only_first = llm.loss(prompts, None, ["q"] * 3, targets, torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.allclose(only_first, singles[0], atol=1e-5)
+
+
+def test_a_given_decoding_replaces_the_models_own(llm):
+    torch.manual_seed(3)
+    prompts = torch.randn(2, 3, 64)
+    own = llm.generate(prompts, None, ["a photo of"] * 2)
+    short = llm.generate(prompts, None, ["a photo of"] * 2, Decoding(max_new_tokens=1))
+    assert llm.decoding.max_new_tokens == 6  # untouched
+    for full, one in zip(own, short, strict=True):
+        assert len(llm.tokenizer(one, add_special_tokens=False).input_ids) <= 1
+        assert full.startswith(one)  # greedy: the first token is the same

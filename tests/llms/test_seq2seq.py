@@ -186,3 +186,13 @@ def test_captioner_trains_the_bridge_and_captions_with_it(tiny_t5_dir):
     assert all(p.grad is None for p in model.llm.parameters())
     out = model.caption(torch.randn(3, 3, 32, 32))
     assert len(out) == 3 and all(isinstance(c, str) for c in out)
+
+
+def test_weighted_loss_is_the_weighted_mean_of_each_samples_own_loss(lm):
+    torch.manual_seed(2)
+    prompts = torch.randn(3, 4, D)
+    prefix, targets = "question what colour is the circle short answer", ["red", "a red circle", "two"]
+    singles = torch.stack([lm.loss(prompts[i : i + 1], None, [prefix], [targets[i]]) for i in range(3)])
+    weights = torch.tensor([0.7, 0.2, 0.1])
+    weighted = lm.loss(prompts, None, [prefix] * 3, targets, weights)
+    assert torch.allclose(weighted, (weights * singles).sum(), atol=1e-5)  # the weights sum to 1

@@ -369,3 +369,13 @@ class QFormer(Bridge):
 
     def forward(self, tokens: Tensor, mask: Tensor | None = None) -> BridgeOutput:
         return self.output(self.query_features(tokens, mask))  # [B, Q, H] -> prompts [B, Q, Dllm]
+
+    def forward_with_text(
+        self, tokens: Tensor, mask: Tensor | None, texts: list[str], max_length: int = 64
+    ) -> BridgeOutput:
+        """Prompts from queries that also read ``texts`` (one per sample, e.g. the question): queries and text share
+        the bidirectional self-attention, as in BLIP-2's VQA fine-tuning and InstructBLIP's instruction-aware
+        Q-Former; only the query outputs become prompts. Needs ``text_input: true``."""
+        input_ids, attention_mask = self.tokenize(texts, max_length, pad_to_max=False)  # [B, T] each
+        hidden = self.encode(tokens, mask, input_ids, attention_mask, attn="bidirectional")  # [B, Q + T, H]
+        return self.output(hidden[:, : self.num_queries])

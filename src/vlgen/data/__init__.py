@@ -20,6 +20,7 @@ from vlgen.data.image_text import ImageTextDataModule
 from vlgen.data.synthetic import ShapesWorld
 from vlgen.data.text import TextCorpusDataModule
 from vlgen.data.video_text import VideoTextDataModule
+from vlgen.data.vqa import VQATask, clean_question
 from vlgen.data.webdataset import ImageShardDataModule, Source, TextShardDataModule, VideoShardDataModule
 
 __all__ = [
@@ -34,8 +35,10 @@ __all__ = [
     "Source",
     "TextCorpusDataModule",
     "TextShardDataModule",
+    "VQATask",
     "VideoShardDataModule",
     "VideoTextDataModule",
+    "clean_question",
     "drop_bad",
     "make_loader",
     "read_records",

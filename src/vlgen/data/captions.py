@@ -28,6 +28,7 @@ from vlgen.data.common import (
     read_records,
     require_file,
 )
+from vlgen.data.vqa import VQAQuestion, VQATask
 from vlgen.errors import ConfigError
 from vlgen.interfaces import ProvidesImageTransform
 from vlgen.loading import package_path
@@ -40,12 +41,19 @@ Transform = Callable[[Image.Image], Any]
 
 class CaptionItem(NamedTuple):
     """One sample before loading: media path (relative to the media root), its captions, its id, and the text of
-    its own the model reads before the caption (a question, an instruction), if any."""
+    its own the model reads before the caption (a question, an instruction), if any.
+
+    A VQA sample also carries ``weights`` (training: one per target in ``captions``, their share of the annotators)
+    and the question's ``answer_type`` / ``question_type`` when its file has them (evaluation: per-type accuracy).
+    """
 
     path: str
     captions: tuple[str, ...]
     id: str
     prompt: str | None = None
+    weights: tuple[float, ...] | None = None
+    answer_type: str | None = None
+    question_type: str | None = None
 
 
 def caption_items(
@@ -88,12 +96,37 @@ def caption_items(
     return items
 
 
+def vqa_items(task: VQATask, questions: list[VQAQuestion], train: bool, bad: BadRecords) -> list[CaptionItem]:
+    """One item per question: its prompt text, and as captions its training targets (with their weights) or, for
+    evaluation, every answer in the file's order (none for a test-dev split)."""
+    items = []
+    for q in questions:
+        if train:
+            targets, weights = task.targets(q)
+            if not targets:
+                bad(f"question {q.id}", "no answers to train on")
+                continue
+        else:
+            targets, weights = q.answers, None
+        items.append(
+            CaptionItem(q.media, targets, q.id, task.prompt(q.question), weights, q.answer_type, q.question_type)
+        )
+    return items
+
+
 def caption_sample(item: CaptionItem, pixels: Any) -> CaptionSample:
-    """The loaded sample of ``item``: its first caption is the training target, all are references."""
+    """The loaded sample of ``item``: its first caption is the training target, all are references (weighted
+    targets, a VQA training sample's, go as ``targets`` / ``target_weights``)."""
     caption = item.captions[0] if item.captions else ""
     sample = CaptionSample(pixels=pixels, caption=caption, references=list(item.captions), id=item.id)
     if item.prompt is not None:
         sample["prompt"] = item.prompt
+    if item.weights is not None:
+        sample["targets"], sample["target_weights"] = list(item.captions), list(item.weights)
+    if item.answer_type is not None:
+        sample["answer_type"] = item.answer_type
+    if item.question_type is not None:
+        sample["question_type"] = item.question_type
     return sample
 
 
@@ -150,9 +183,12 @@ class CaptionDataModule(pl.LightningDataModule, ABC):
         image_size: int,
         generate: Any = None,
         prompt_field: str | None = None,
+        task: VQATask | None = None,
     ) -> None:
         super().__init__()
-        self.root, self.files, self.prompt_field = Path(root), files, prompt_field
+        if task is not None and prompt_field is not None:
+            raise ConfigError("data.prompt_field: a VQA task reads the question itself; leave prompt_field null")
+        self.root, self.files, self.prompt_field, self.task = Path(root), files, prompt_field, task
         self.media_root = Path(media_root) if media_root else self.root
         self.predict_dir = Path(package_path(predict_dir, "data.predict_dir")) if predict_dir else None
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -206,7 +242,11 @@ class CaptionDataModule(pl.LightningDataModule, ABC):
         option = f"data.{split}_file"
         path = require_file(self.root / str(self.files[split]), option)
         bad = BadRecords(path, self.strict)
-        items = caption_items(path, self.media_field, split == "train", bad, self.prompt_field)
+        if self.task is not None:
+            questions = self.task.questions(path, self.root, split, self.media_field, bad)
+            items = vqa_items(self.task, questions, split == "train", bad)
+        else:
+            items = caption_items(path, self.media_field, split == "train", bad, self.prompt_field)
         self.bad_records_per_file[str(path)] = bad.count
         if not items:
             raise ConfigError(f"{option}: {path} holds no usable records ({bad.count} skipped)")

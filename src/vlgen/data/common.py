@@ -152,11 +152,15 @@ def drop_bad(samples: Sequence[T | None]) -> tuple[list[T], int]:
 
 class _SampleText(TypedDict, total=False):
     prompt: str
+    targets: list[str]
+    target_weights: list[float]
+    answer_type: str
+    question_type: str
 
 
 class CaptionSample(_SampleText):
-    """One item of an image- or video-caption dataset, before collation into a :class:`CaptionBatch` (``prompt``:
-    optional text of its own that the model reads before the caption)."""
+    """One item of an image- or video-caption dataset, before collation into a :class:`CaptionBatch`; the optional
+    keys (``prompt``, weighted ``targets``, VQA types) become the batch's plural ones when every sample has them."""
 
     pixels: Tensor
     caption: str
@@ -188,9 +192,19 @@ class CaptionCollate:
             ids=[s["id"] for s in good],
             num_skipped=skipped,
         )
-        if good and "prompt" in good[0]:  # a dataset with per-sample text gives it for every sample
-            batch["prompts"] = [s["prompt"] for s in good]
+        for key, plural in _OPTIONAL_KEYS:  # a dataset with per-sample text gives it for every sample
+            if good and all(key in s for s in good):
+                batch[plural] = [s[key] for s in good]  # type: ignore[literal-required]
         return batch
+
+
+_OPTIONAL_KEYS = (
+    ("prompt", "prompts"),
+    ("targets", "targets"),
+    ("target_weights", "target_weights"),
+    ("answer_type", "answer_types"),
+    ("question_type", "question_types"),
+)
 
 
 def make_loader(

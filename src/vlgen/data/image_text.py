@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from vlgen.data.captions import CaptionDataModule, CaptionItem, Transform, caption_sample
 from vlgen.data.common import BadFiles, CaptionSample
 from vlgen.data.synthetic.shapes import ShapesWorld
+from vlgen.data.vqa import VQATask
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 ImageItem = CaptionItem  # the image path is ``item.path``
@@ -74,6 +75,8 @@ class ImageTextDataModule(CaptionDataModule):
         generate: a synthetic world to write into ``root`` when it is not there yet.
         prompt_field: the record field holding each sample's own text for the model to read before the caption
             (a question, an instruction); evaluation then keeps one sample per (media, text). None: captions only.
+        task: visual question answering instead of captions (:class:`~vlgen.data.VQATask`): the split files are
+            VQAv2 / OK-VQA, GQA or LAVIS question files, one sample per question, scored by the task's metric.
     """
 
     media_field = "image"
@@ -95,6 +98,7 @@ class ImageTextDataModule(CaptionDataModule):
         image_size: int = 224,
         generate: ShapesWorld | None = None,
         prompt_field: str | None = None,
+        task: VQATask | None = None,
     ) -> None:
         super().__init__(
             root=root,
@@ -109,6 +113,7 @@ class ImageTextDataModule(CaptionDataModule):
             image_size=image_size,
             generate=generate,
             prompt_field=prompt_field,
+            task=task,
         )
         self.image_root = self.media_root
 

@@ -34,6 +34,7 @@ from vlgen.data.video_io import (
     frame_samplers,
     make_reader,
 )
+from vlgen.data.vqa import VQATask
 
 
 def transform_clip(frames: np.ndarray, transform: Transform, seed: int) -> Tensor:
@@ -130,6 +131,8 @@ class VideoTextDataModule(CaptionDataModule):
         generate: a synthetic video world to write into ``root`` when it is not there yet.
         prompt_field: the record field holding each sample's own text for the model to read before the caption
             (a question, an instruction); evaluation then keeps one sample per (media, text). None: captions only.
+        task: visual question answering instead of captions (:class:`~vlgen.data.VQATask`): the split files are
+            VQAv2 / OK-VQA, GQA or LAVIS question files, one sample per question, scored by the task's metric.
     """
 
     media_field = "video"
@@ -157,6 +160,7 @@ class VideoTextDataModule(CaptionDataModule):
         seed: int = 0,
         generate: MovingShapesWorld | None = None,
         prompt_field: str | None = None,
+        task: VQATask | None = None,
     ) -> None:
         self.samplers = frame_samplers(num_frames, train_sampling, eval_sampling, min_frames)  # by train
         self.reader = make_reader(backend)  # before any path check: a missing library is the first thing to fix
@@ -173,6 +177,7 @@ class VideoTextDataModule(CaptionDataModule):
             image_size=image_size,
             generate=generate,
             prompt_field=prompt_field,
+            task=task,
         )
         self.video_root = self.media_root
         self.num_frames, self.backend, self.seed = num_frames, backend, seed

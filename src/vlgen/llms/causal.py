@@ -17,14 +17,13 @@ import inspect
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 import transformers
 from torch import Tensor
 
 from vlgen.errors import ConfigError
 from vlgen.interfaces import all_real
 from vlgen.llms.decoding import Decoding
-from vlgen.llms.hf import HFLanguageModel
+from vlgen.llms.hf import HFLanguageModel, target_loss
 from vlgen.loading import DType, ModelRecipe
 
 
@@ -120,7 +119,14 @@ class CausalLM(HFLanguageModel):
         return self.model.get_input_embeddings()(ids)
 
     # --- training -----------------------------------------------------------------------------------------------
-    def loss(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str], targets: list[str]) -> Tensor:
+    def loss(
+        self,
+        prompts: Tensor,
+        prompt_mask: Tensor | None,
+        prefixes: list[str],
+        targets: list[str],
+        weights: Tensor | None = None,
+    ) -> Tensor:
         prompts, prompt_mask = self._head(prompts, prompt_mask)
         batch, _, width = prompts.shape
         # Each row keeps only its real prompts, as in generation: padded prompts are neither read nor counted in
@@ -152,13 +158,13 @@ class CausalLM(HFLanguageModel):
         out = self.model(inputs_embeds=embeds, attention_mask=mask, **{self._keep_arg: keep} if self._keep_arg else {})
         logits = out.logits[:, -keep:]  # [B, keep, V]
         shifted = labels[:, length - keep + 1 :]  # [B, keep - 1]: what each kept position but the last predicts
-        return F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100
-        )
+        return target_loss(logits[:, :-1], shifted, weights)
 
     # --- generation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str]) -> list[str]:
+    def generate(
+        self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str], decoding: Decoding | None = None
+    ) -> list[str]:
         prompts, pmask = self._head(prompts, prompt_mask)
         batch, _, width = prompts.shape
         # Each row keeps only its real prompts, so the sequence ends on a real token even with an empty prefix.
@@ -179,7 +185,7 @@ class CausalLM(HFLanguageModel):
             attention_mask=mask,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            **self.decoding.kwargs(),
+            **self.generate_kwargs(decoding),
         )
         # With inputs_embeds only, decoder-only generate returns the new tokens alone.
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -8,11 +8,29 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from vlgen.interfaces import LanguageModel, set_frozen
 from vlgen.llms.decoding import Decoding
 from vlgen.loading import DType, ModelRecipe, load_pretrained, torch_dtype
+
+
+def target_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Cross-entropy of ``logits [B, T, V]`` against ``labels [B, T]`` (``-100``: not a target), in float32.
+
+    Without ``weights`` the mean over every target token of the batch; with ``weights [B]`` the weighted mean over
+    samples of each sample's mean over its own target tokens (a VQA question's answers, each weighted by its share
+    of the annotators).
+    """
+    flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                           reduction="none" if weights is not None else "mean")  # fmt: skip
+    if weights is None:
+        return flat
+    real = (labels != -100).float()  # [B, T]
+    per_sample = (flat.view(labels.shape) * real).sum(1) / real.sum(1).clamp_min(1.0)  # [B]
+    weights = weights.to(per_sample)
+    return (weights * per_sample).sum() / weights.sum().clamp_min(1e-12)
 
 
 class HFLanguageModel(LanguageModel):
@@ -54,6 +72,10 @@ class HFLanguageModel(LanguageModel):
         enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
         ids, mask = enc["input_ids"].to(table.weight.device), enc["attention_mask"].to(table.weight.device)
         return table(ids), mask  # [B, T, D], [B, T]
+
+    def generate_kwargs(self, decoding: Decoding | None) -> dict[str, Any]:
+        """``generate``'s settings: ``decoding`` when given (a task's, e.g. VQA's), else the model's own."""
+        return (decoding or self.decoding).kwargs()
 
     def train(self, mode: bool = True) -> HFLanguageModel:
         super().train(mode and not self.frozen)

@@ -11,13 +11,12 @@ and the rest becomes the target (BLIP-2's stage-2 objective for encoder-decoder 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import transformers
 from torch import Tensor
 
 from vlgen.interfaces import all_real
 from vlgen.llms.decoding import Decoding
-from vlgen.llms.hf import HFLanguageModel
+from vlgen.llms.hf import HFLanguageModel, target_loss
 from vlgen.loading import DType, ModelRecipe
 
 
@@ -100,7 +99,14 @@ class Seq2SeqLM(HFLanguageModel):
         return embeds, mask
 
     # --- training -----------------------------------------------------------------------------------------------
-    def loss(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str], targets: list[str]) -> Tensor:
+    def loss(
+        self,
+        prompts: Tensor,
+        prompt_mask: Tensor | None,
+        prefixes: list[str],
+        targets: list[str],
+        weights: Tensor | None = None,
+    ) -> Tensor:
         if self.prefix_lm and self._fitting:
             prefixes, targets = map(list, zip(*map(self._split, prefixes, targets), strict=True))
         embeds, mask = self._encoder_inputs(prompts, prompt_mask, [self._prefix_ids(p) for p in prefixes])
@@ -109,18 +115,20 @@ class Seq2SeqLM(HFLanguageModel):
         label_t = torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels], device=prompts.device)  # [B, T]
         # Given labels, the model builds its decoder input by shifting them right behind its start token.
         logits = self.model(inputs_embeds=embeds, attention_mask=mask, labels=label_t).logits  # [B, T, V]
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), label_t.reshape(-1), ignore_index=-100)
+        return target_loss(logits, label_t, weights)
 
     # --- generation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str]) -> list[str]:
+    def generate(
+        self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str], decoding: Decoding | None = None
+    ) -> list[str]:
         embeds, mask = self._encoder_inputs(prompts, prompt_mask, [self._prefix_ids(p) for p in prefixes])
         out = self.model.generate(
             inputs_embeds=embeds,
             attention_mask=mask,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            **self.decoding.kwargs(),
+            **self.generate_kwargs(decoding),
         )
         # Encoder-decoder generate returns the decoder start token first; it is a special token and is dropped.
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 from torchmetrics import Metric
@@ -91,6 +92,10 @@ class CaptionMetrics(Metric):
         self.preds.extend(preds)
         self.refs.extend([list(r) for r in refs])
         self.ids.extend(ids if ids is not None else [None] * len(preds))
+
+    def update_batch(self, preds: list[str], batch: Mapping[str, Any]) -> None:
+        """Update from a :class:`~vlgen.interfaces.CaptionBatch`: its ``references`` and ``ids``."""
+        self.update(preds, batch["references"], ids=batch["ids"])
 
     def is_empty(self) -> bool:
         return not self.preds

@@ -6,8 +6,11 @@ returns and the listed objectives (:mod:`vlgen.objectives`: P-Former alignment, 
 weight, summed by :class:`~vlgen.models.VLModule`'s training step. The text between the visual prompts and the
 target is ``prompt``, or, for a batch that carries per-sample text (``prompts``: a question, an instruction),
 ``prompt_template`` filled with it, so captioning, VQA and instruction data share this module. Validation and test
-generate text and score it with :class:`~vlgen.metrics.CaptionMetrics`; test also writes ``metrics.json`` and
-``predictions.jsonl`` into the run's log directory; predict writes ``{"id", "caption"}`` lines.
+generate text and score it with :class:`~vlgen.metrics.CaptionMetrics`, or, when the data module has a ``task``
+(:class:`~vlgen.data.VQATask`), with that task's metric and decoding settings; a VQA batch's weighted ``targets``
+(each distinct answer with its share of the annotators) are trained on together. Test also writes ``metrics.json``
+and ``predictions.jsonl`` into the run's log directory (and a task's official submission file); predict writes
+``{"id", "caption"}`` lines.
 """
 
 from __future__ import annotations
@@ -17,12 +20,21 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from vlgen.dist import gather_objects
 from vlgen.errors import ConfigError
-from vlgen.interfaces import Bridge, BridgeOutput, CaptionBatch, LanguageModel, VisualEncoder
+from vlgen.interfaces import (
+    Bridge,
+    BridgeOutput,
+    CaptionBatch,
+    EvaluationTask,
+    LanguageModel,
+    ReadsText,
+    VisualEncoder,
+)
 from vlgen.metrics import CaptionMetrics
 from vlgen.models.base import Optim, VLModule
 from vlgen.objectives import ModelParts, Objective
@@ -47,6 +59,11 @@ class Captioner(VLModule):
             :class:`~vlgen.objectives.PromptAlignment` or :class:`~vlgen.objectives.SentenceContrast`.
         init_from: a vlgen checkpoint whose saved weights initialise this model before training, e.g. an image
             model's to fine-tune it on video; weights it lacks (new temporal modules) keep their initialisation.
+        bridge_reads_prompts: give the bridge each sample's own text too (the VQA question), as BLIP-2's VQA
+            fine-tuning and InstructBLIP's instruction-aware Q-Former do; the bridge must read text
+            (:class:`~vlgen.interfaces.ReadsText`: the Q-Former with ``text_input: true``).
+        blank_images: replace every picture by a blank one (zeros), so nothing of the image reaches the LLM: the
+            question-only (text-only) baseline, with the same LLM, prompts and trainable bridge.
     """
 
     def __init__(
@@ -60,10 +77,18 @@ class Captioner(VLModule):
         num_logged_samples: int = 8,
         objectives: list[Objective] | None = None,
         init_from: str | None = None,
+        bridge_reads_prompts: bool = False,
+        blank_images: bool = False,
     ) -> None:
         super().__init__(optim, objectives)
         if prompt_template.count("{}") != 1:
             raise ConfigError(f"model.prompt_template must hold exactly one {{}}, got {prompt_template!r}")
+        if bridge_reads_prompts and not isinstance(bridge, ReadsText):
+            raise ConfigError(
+                f"model.bridge_reads_prompts: {type(bridge).__name__} cannot read text (the Q-Former can, built "
+                "with text_input: true)"
+            )
+        self.bridge_reads_prompts, self.blank_images = bridge_reads_prompts, blank_images
         self.encoder = encoder
         self.bridge = bridge
         self.llm = llm
@@ -83,9 +108,27 @@ class Captioner(VLModule):
         """The transform the data module applies to each PIL image (the encoder's own)."""
         return self.encoder.image_transform(train)
 
-    def forward(self, pixels: Tensor) -> BridgeOutput:
+    def forward(self, pixels: Tensor, texts: list[str] | None = None) -> BridgeOutput:
+        """Prompts for ``pixels``; the bridge also reads ``texts`` (one per sample) with ``bridge_reads_prompts``."""
+        if self.blank_images:
+            pixels = torch.zeros_like(pixels)
         tokens = self.encoder(pixels)  # [B, N, Dv] (video encoders fold time in)
+        if self.bridge_reads_prompts and texts is not None:
+            return self.bridge.forward_with_text(tokens, None, texts)  # type: ignore[attr-defined]
         return self.bridge(tokens)  # prompts [B, M, Dllm]
+
+    def setup(self, stage: str) -> None:
+        task = self.task  # the data's own metric (VQA accuracy ...), else caption metrics
+        make = task.make_metric if task is not None else CaptionMetrics
+        self.val_metrics, self.test_metrics = make(), make()
+
+    @property
+    def task(self) -> EvaluationTask | None:
+        """The attached data module's task (e.g. :class:`~vlgen.data.VQATask`), if it has one."""
+        trainer = self._trainer
+        module = getattr(trainer, "datamodule", None) if trainer is not None else None
+        task = getattr(module, "task", None)
+        return task if isinstance(task, EvaluationTask) else None
 
     def prefixes(self, size: int, prompts: list[str] | None = None) -> list[str]:
         """The text after the visual prompts for each of ``size`` samples: ``prompt_template`` filled with the
@@ -94,26 +137,42 @@ class Captioner(VLModule):
             return [self.prompt] * size
         return [self.prompt_template.format(p) for p in prompts]
 
-    def caption(self, pixels: Tensor, prompts: list[str] | None = None) -> list[str]:
-        """Generate one text per image (or video), after each sample's own prompt text when given."""
-        out = self(pixels)
-        return self.llm.generate(out.prompts, out.mask, self.prefixes(len(pixels), prompts))
+    def caption(self, pixels: Tensor, prompts: list[str] | None = None, decoding: Any = None) -> list[str]:
+        """Generate one text per image (or video), after each sample's own prompt text when given, with
+        ``decoding`` (:class:`~vlgen.llms.Decoding`) in place of the LLM's own settings when given."""
+        out = self(pixels, prompts)
+        return self.llm.generate(out.prompts, out.mask, self.prefixes(len(pixels), prompts), decoding)
 
     # --- training -------------------------------------------------------------------------------------------------
     def training_losses(self, batch: CaptionBatch) -> dict[str, Tensor]:
-        out = self(batch["pixels"])
+        out = self(batch["pixels"], batch.get("prompts"))
         prefixes = self.prefixes(len(batch["captions"]), batch.get("prompts"))
-        losses = {"lm_loss": self.llm.loss(out.prompts, out.mask, prefixes, batch["captions"])}
+        losses = {"lm_loss": self._lm_loss(out, prefixes, batch)}
         losses.update(out.losses)  # the bridge's own auxiliary terms (weight 1)
         losses.update(self.objective_losses(out, batch))
         return losses
 
+    def _lm_loss(self, out: BridgeOutput, prefixes: list[str], batch: CaptionBatch) -> Tensor:
+        """The LM loss on each sample's target, or on every one of its weighted ``targets`` when the batch has them
+        (the sample's prompts repeated for each)."""
+        targets = batch.get("targets")
+        if targets is None:
+            return self.llm.loss(out.prompts, out.mask, prefixes, batch["captions"])
+        counts = torch.tensor([len(t) for t in targets], device=out.prompts.device)
+        rows = torch.repeat_interleave(torch.arange(len(targets), device=counts.device), counts)  # [sum(counts)]
+        weights = torch.tensor([w for ws in batch["target_weights"] for w in ws], device=counts.device)
+        mask = None if out.mask is None else out.mask[rows]
+        flat = [t for ts in targets for t in ts]
+        return self.llm.loss(out.prompts[rows], mask, [prefixes[i] for i in rows.tolist()], flat, weights)
+
     # --- evaluation -----------------------------------------------------------------------------------------------
-    def _evaluate(self, batch: CaptionBatch, metrics: CaptionMetrics) -> list[str]:
+    def _evaluate(self, batch: CaptionBatch, metrics: Any) -> list[str]:
         if self.count_skipped(batch):
             return []
-        preds = self.caption(batch["pixels"], batch.get("prompts"))
-        metrics.update(preds, batch["references"], ids=batch["ids"])
+        task = self.task
+        preds = self.caption(batch["pixels"], batch.get("prompts"), task.decoding if task is not None else None)
+        if all(batch["references"]):  # a split without answers (VQA test-dev) gives predictions only
+            metrics.update_batch(preds, batch)
         return preds
 
     def validation_step(self, batch: CaptionBatch, batch_idx: int) -> None:
@@ -142,15 +201,23 @@ class Captioner(VLModule):
         rows = _unique_by_id(gather_objects(self._outputs))
         self._outputs = []
         out_dir = self._run_dir()  # every rank asks: trainer.log_dir is a collective call under DDP
+        task = self.task
         if self.trainer.is_global_zero:
             (out_dir / "metrics.json").write_text(json.dumps(scores, indent=2) + "\n")
             _write_jsonl(out_dir / "predictions.jsonl", rows)
             rank_zero_info(f"test metrics: {out_dir / 'metrics.json'}  predictions: {out_dir / 'predictions.jsonl'}")
+            if task is not None:
+                name, content = task.submission(rows)
+                (out_dir / name).write_text(json.dumps(content) + "\n")
+                rank_zero_info(f"submission file: {out_dir / name} ({len(rows)} answers)")
+            if not scores and rows:
+                rank_zero_info("test: no references in this split (e.g. VQA test-dev): predictions only, no scores")
 
     def predict_step(self, batch: CaptionBatch, batch_idx: int) -> list[dict[str, str]]:
         if self.count_skipped(batch):
             return []
-        captions = self.caption(batch["pixels"], batch.get("prompts"))
+        task = self.task
+        captions = self.caption(batch["pixels"], batch.get("prompts"), task.decoding if task is not None else None)
         rows = [{"id": i, "caption": c} for i, c in zip(batch["ids"], captions, strict=True)]
         self._outputs.extend(rows)
         return rows
@@ -169,16 +236,18 @@ class Captioner(VLModule):
             out_dir.mkdir(parents=True, exist_ok=True)
         return out_dir
 
-    def _log_metrics(self, stage: str, metrics: CaptionMetrics) -> dict[str, float]:
+    def _log_metrics(self, stage: str, metrics: Any) -> dict[str, float]:
         if metrics.is_empty() or self.trainer.sanity_checking:
             metrics.reset()  # the sanity check only proves the loop runs; its scores mean nothing
             return {}
         scores = {f"{stage}/{k}": float(v) for k, v in metrics.compute().items()}
         metrics.reset()
         self.log_dict(scores)  # identical on every rank: compute() already gathered all samples
-        if stage == "test" or self.trainer.is_global_zero:
-            rank_zero_info(f"{stage}: " + "  ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in scores.items()))
-        return {k.split("/", 1)[1]: v for k, v in scores.items()}
+        named = {k.split("/", 1)[1]: v for k, v in scores.items()}
+        if stage == "test" or self.trainer.is_global_zero:  # per question type (VQAv2 has 65) only in the files
+            shown = {k: v for k, v in named.items() if not k.startswith("question_type=")}
+            rank_zero_info(f"{stage}: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        return named
 
 
 def _unique_by_id(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

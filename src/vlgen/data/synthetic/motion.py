@@ -8,9 +8,12 @@ vanish: only the frames together reveal what the captions say. Frames are drawn 
 :func:`~vlgen.data.synthetic.shapes.render`, and :func:`caption_states_motion` checks a generated caption against
 a clip's facts. :class:`MovingShapesWorld` writes ``videos/{split}_{index:06d}.mp4`` (H.264, yuv420p) with
 MSR-VTT-style annotations: ``train.json`` (one record per caption), ``val.json`` / ``test.json`` (one record per
-video with all its captions and its facts), ``corpus.txt`` (captions of clips never rendered, each clip's
-phrasings on consecutive lines) and the ``world.json`` marker. Each clip draws from its own generator seeded by
-``(seed, split, index)``, so the test split does not change when ``num_train`` does.
+video with all its captions and its facts), ``vqa_train.json`` / ``vqa_val.json`` / ``vqa_test.json`` (visual
+questions about every video, :mod:`~vlgen.data.synthetic.questions`), ``corpus.txt`` (captions of clips never
+rendered, each clip's phrasings on consecutive lines) and the ``world.json`` marker. Each clip draws from its own
+generator seeded by ``(seed, split, index)``, so the test split does not change when ``num_train`` does; its
+questions draw from another, seeded by ``(seed, split, index, 1)``, so asking more or fewer questions changes no
+video, caption or fact.
 """
 
 from __future__ import annotations
@@ -26,16 +29,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vlgen.data.synthetic.questions import Question, clip_questions, vqa_records
 from vlgen.data.synthetic.shapes import _ARTICLE, COLORS, SHAPES, SIZES, Scene, SceneObject, _mentions, render
 from vlgen.data.synthetic.world import SyntheticWorld
 from vlgen.errors import ConfigError
 
-VERSION = 1  # bump when a seed starts producing a different world; stored in world.json
+VERSION = 2  # bump when a seed starts producing a different world; stored in world.json
 MOTIONS = ("still", "left", "right", "up", "down", "appears", "disappears")
 STEPS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # unit (dx, dy)
 SPEEDS = {"slow": 0.25, "fast": 0.5}  # distance travelled over the clip, as a fraction of the frame side
 SPLITS = {"train": 10, "val": 11, "test": 12, "text": 13}  # distinct from the still world's split codes
 MAX_CAPTIONS = 10
+MAX_QUESTIONS = 10  # question ids leave one decimal digit per question
 VERBS = ("moves", "slides", "drifts", "travels")
 DIRECTION_PHRASES = {"left": ("to the left", "left", "leftwards"), "right": ("to the right", "right", "rightwards"),
                      "up": ("up", "upwards"), "down": ("down", "downwards")}  # fmt: skip
@@ -267,6 +272,10 @@ class MovingShapesWorld(SyntheticWorld):
         num_text: sentences of the text-only corpus, from clips that are never rendered; each clip's phrasings
             are consecutive lines, ``captions_per_video`` of them.
         max_objects: at most this many objects per video (1-3).
+        questions_per_video: visual questions per video (at most 10); 0 writes no ``vqa_{split}.json``. Their
+            records are LAVIS's converted VQA format with ``video`` / ``video_id`` for ``image`` / ``image_id``:
+            ``question_id`` (:func:`~vlgen.data.synthetic.questions.question_id`), ``question``, ``answer`` (ten
+            annotator answers), ``multiple_choice_answer`` (the canonical one), ``answer_type``, ``question_type``.
     """
 
     kind = "moving_shapes"
@@ -284,9 +293,12 @@ class MovingShapesWorld(SyntheticWorld):
         captions_per_video: int = 5,
         num_text: int = 20000,
         max_objects: int = 2,
+        questions_per_video: int = 3,
     ) -> None:
         if not 1 <= captions_per_video <= MAX_CAPTIONS:
             raise ConfigError(f"world.captions_per_video: {captions_per_video} is not in 1..{MAX_CAPTIONS}")
+        if not 0 <= questions_per_video <= MAX_QUESTIONS:
+            raise ConfigError(f"world.questions_per_video: {questions_per_video} is not in 0..{MAX_QUESTIONS}")
         if not 1 <= max_objects <= 3:
             raise ConfigError(f"world.max_objects: {max_objects} is not in 1..3")
         if image_size < 16 or image_size % 2:
@@ -306,6 +318,7 @@ class MovingShapesWorld(SyntheticWorld):
             "captions_per_video": captions_per_video,
             "num_text": num_text,
             "max_objects": max_objects,
+            "questions_per_video": questions_per_video,
         }
 
     @property
@@ -317,6 +330,12 @@ class MovingShapesWorld(SyntheticWorld):
         rng = np.random.default_rng([self.args["seed"], SPLITS[split], index])
         clip = sample_clip(rng, self.args["num_frames"], self.args["max_objects"])
         return clip, motion_captions(clip, rng, self.args["captions_per_video"])
+
+    def questions(self, split: str, index: int, clip: Clip | None = None) -> list[Question]:
+        """The questions about video ``index`` of ``split``, as written (``clip``: that video's, when at hand)."""
+        clip = clip if clip is not None else self.clip(split, index)[0]
+        rng = np.random.default_rng([self.args["seed"], SPLITS[split], index, 1])  # not the clip's generator
+        return clip_questions(clip, rng, self.args["questions_per_video"])
 
     def video(self, split: str, index: int) -> tuple[list[Image.Image], list[str], dict[str, Any]]:
         """Video ``index`` of ``split`` rendered in memory: its frames, captions and facts."""
@@ -338,12 +357,14 @@ class MovingShapesWorld(SyntheticWorld):
         with ThreadPoolExecutor(max_workers=8) as pool:  # the encoders release the GIL
             for split in ("train", "val", "test"):
                 records: list[dict[str, Any]] = []
+                questions: list[dict[str, Any]] = []
                 drawn = []
                 for index in range(self.args[f"num_{split}"]):
                     clip, caps = self.clip(split, index)
                     video_id = f"{split}_{index:06d}"
                     video = f"videos/{video_id}.mp4"
                     drawn.append(pool.submit(draw, clip, video))
+                    questions += vqa_records(self.questions(split, index, clip), SPLITS[split], index, video, "video")
                     if split == "train":
                         records += [{"video": video, "caption": c, "video_id": video_id} for c in caps]
                     else:
@@ -351,4 +372,6 @@ class MovingShapesWorld(SyntheticWorld):
                 for future in drawn:
                     future.result()  # re-raises a failed write
                 self._write_records(out / f"{split}.json", records)
+                if self.args["questions_per_video"]:
+                    self._write_records(out / f"vqa_{split}.json", questions)
         self._write_corpus(out / "corpus.txt", lambda index: self.clip("text", index)[1])

@@ -5,9 +5,11 @@ size, so a video module can move the objects (``dataclasses.replace(obj, x=...)`
 colours, shapes, sizes and spatial relations in several phrasings, the first one canonical, and every phrasing
 states a relation that links every object. Every evaluation image keeps its ground-truth facts, and
 :func:`caption_states_facts` checks a generated caption against them (the "fact accuracy" score).
-:class:`ShapesWorld` writes the world as PNG + COCO-style JSON, which :class:`~vlgen.data.ImageTextDataModule` reads.
+:class:`ShapesWorld` writes the world as PNG + COCO-style JSON, which :class:`~vlgen.data.ImageTextDataModule` reads,
+and visual questions about every image (:mod:`~vlgen.data.synthetic.questions`) as ``vqa_{split}.json``.
 Each scene draws from its own generator seeded by ``(seed, split, index)``, so the test split does not change when
-``num_train`` does, and images can be rendered in any order.
+``num_train`` does, and images can be rendered in any order; its questions draw from another, seeded by
+``(seed, split, index, 1)``, so asking more or fewer questions changes no image, caption or fact.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -25,7 +27,10 @@ from PIL import Image, ImageDraw
 from vlgen.data.synthetic.world import SyntheticWorld
 from vlgen.errors import ConfigError
 
-VERSION = 2  # bump when a seed starts producing a different world; stored in world.json
+if TYPE_CHECKING:
+    from vlgen.data.synthetic.questions import Question
+
+VERSION = 3  # bump when a seed starts producing a different world; stored in world.json
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -48,6 +53,7 @@ RELATION_WORDS = {"left": "left", "right": "right", "above": "above", "below": "
 SIZE_WORDS = {"small": "small", "little": "small", "large": "large", "big": "large"}
 SPLITS = {"train": 0, "val": 1, "test": 2, "text": 3, "vision": 4}  # text / vision: the tiny LM / encoder
 MAX_CAPTIONS = 10
+MAX_QUESTIONS = 10  # question ids leave one decimal digit per question
 _ARTICLE = re.compile(r"\ba (?=[aeiou])")  # "a orange square" -> "an orange square"
 
 
@@ -255,6 +261,14 @@ class ShapesWorld(SyntheticWorld):
         captions_per_image: phrasings per image, the first canonical (at most 10).
         num_text: sentences of the text-only corpus, from scenes that are never rendered; each scene's phrasings
             are consecutive lines, ``captions_per_image`` of them.
+        questions_per_image: visual questions per image (at most 10); 0 writes no ``vqa_{split}.json``.
+
+    Files: ``images/{split}_{index:06d}.png``; ``train.json`` (one record per caption), ``val.json`` / ``test.json``
+    (one record per image with all its captions and its facts); ``vqa_train.json`` / ``vqa_val.json`` /
+    ``vqa_test.json`` (LAVIS's converted VQA records: ``question_id``, ``question``, ``image``, ``image_id``,
+    ``answer`` (ten annotator answers), ``multiple_choice_answer`` (the canonical one), ``answer_type`` and
+    ``question_type``; ids as :func:`~vlgen.data.synthetic.questions.question_id` gives them); ``corpus.txt``
+    and the ``world.json`` marker.
     """
 
     kind = "shapes"
@@ -269,9 +283,12 @@ class ShapesWorld(SyntheticWorld):
         image_size: int = 64,
         captions_per_image: int = 5,
         num_text: int = 20000,
+        questions_per_image: int = 3,
     ) -> None:
         if not 1 <= captions_per_image <= MAX_CAPTIONS:
             raise ConfigError(f"world.captions_per_image: {captions_per_image} is not in 1..{MAX_CAPTIONS}")
+        if not 0 <= questions_per_image <= MAX_QUESTIONS:
+            raise ConfigError(f"world.questions_per_image: {questions_per_image} is not in 0..{MAX_QUESTIONS}")
         if min(num_train, num_val, num_test, num_text) < 0 or image_size < 8:
             raise ConfigError("world: counts must be >= 0 and image_size >= 8")
         self.args = {
@@ -282,11 +299,20 @@ class ShapesWorld(SyntheticWorld):
             "image_size": image_size,
             "captions_per_image": captions_per_image,
             "num_text": num_text,
+            "questions_per_image": questions_per_image,
         }
 
     @property
     def captions_per_scene(self) -> int:
         return self.args["captions_per_image"]
+
+    def questions(self, split: str, index: int, scene: Scene | None = None) -> list[Question]:
+        """The questions about image ``index`` of ``split``, as written (``scene``: that image's, when at hand)."""
+        from vlgen.data.synthetic.questions import scene_questions  # not at import: that module imports this one
+
+        scene = scene if scene is not None else self.scene(split, index)[0]
+        rng = np.random.default_rng([self.args["seed"], SPLITS[split], index, 1])  # not the scene's generator
+        return scene_questions(scene, rng, self.args["questions_per_image"])
 
     def scene(self, split: str, index: int) -> tuple[Scene, list[str]]:
         """The scene and captions of image ``index`` of ``split`` (``"text"`` for the corpus), as written.
@@ -298,6 +324,8 @@ class ShapesWorld(SyntheticWorld):
         return scene, captions(scene, rng, self.args["captions_per_image"])
 
     def _write_into(self, out: Path) -> None:
+        from vlgen.data.synthetic.questions import vqa_records
+
         (out / "images").mkdir()
         size = self.args["image_size"]
 
@@ -307,12 +335,14 @@ class ShapesWorld(SyntheticWorld):
         with ThreadPoolExecutor(max_workers=8) as pool:  # file creation dominates; PIL and open() release the GIL
             for split in ("train", "val", "test"):
                 records: list[dict[str, Any]] = []
+                questions: list[dict[str, Any]] = []
                 drawn = []
                 for index in range(self.args[f"num_{split}"]):
                     scene, caps = self.scene(split, index)
                     image_id = f"{split}_{index:06d}"
                     image = f"images/{image_id}.png"
                     drawn.append(pool.submit(draw, scene, image))
+                    questions += vqa_records(self.questions(split, index, scene), SPLITS[split], index, image)
                     if split == "train":
                         records += [{"image": image, "caption": c, "image_id": image_id} for c in caps]
                     else:
@@ -321,4 +351,6 @@ class ShapesWorld(SyntheticWorld):
                 for future in drawn:
                     future.result()  # re-raises a failed write
                 self._write_records(out / f"{split}.json", records)
+                if self.args["questions_per_image"]:
+                    self._write_records(out / f"vqa_{split}.json", questions)
         self._write_corpus(out / "corpus.txt", lambda index: self.scene("text", index)[1])
