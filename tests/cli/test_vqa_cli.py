@@ -79,9 +79,9 @@ def test_zero_shot_and_blank_baseline_of_a_captioner(workdir):
         rows = (run / "predictions.jsonl").read_text().splitlines()
         assert len(rows) == WORLD["num_test"] * 3  # three questions per test image
         assert json.loads((run / "metrics.json").read_text())["accuracy"] == pytest.approx(rescored(run), abs=1e-9)
-    by_question: dict[str, set[str]] = {}
+    by_question: dict[str, list[str]] = {}
     for line in (blank / "predictions.jsonl").read_text().splitlines():
         row = json.loads(line)
-        by_question.setdefault(row["prompt"], set()).add(row["caption"])
+        by_question.setdefault(row["prompt"], []).append(row["caption"])
     assert any(len(asked) > 1 for asked in by_question.values())  # a question asked of several pictures ...
-    assert all(len(answers) == 1 for answers in by_question.values())  # ... gets one answer: the picture is unseen
+    assert all(len(set(answers)) == 1 for answers in by_question.values())  # ... gets one answer: it sees no picture

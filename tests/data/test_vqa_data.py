@@ -149,3 +149,23 @@ def test_questions_without_annotation_are_skipped(vqav2, tmp_path):
     bad = BadRecords(vqav2 / "q_val.json", strict=False)
     found = VQATask(val_annotations="a_one.json").questions(vqav2 / "q_val.json", vqav2, "val", "image", bad)
     assert [q.id for q in found] == ["10"] and bad.count == 1
+
+
+def test_the_motion_worlds_questions_on_the_video_module(tmp_path):
+    from vlgen.data import VideoTextDataModule
+    from vlgen.data.synthetic import MovingShapesWorld
+
+    root = MovingShapesWorld(seed=0, num_train=2, num_val=2, num_test=2, num_text=10).write(tmp_path / "motion")
+    dm = VideoTextDataModule(
+        str(root), train_file="vqa_train.json", val_file=None, test_file="vqa_test.json", num_frames=2,
+        batch_size=8, num_workers=0, image_size=16, task=VQATask(),
+    )  # fmt: skip
+    dm.setup("fit")
+    dm.setup("test")
+    test = next(iter(dm.test_dataloader()))
+    records = json.loads((root / "vqa_test.json").read_text())
+    assert test["pixels"].shape[:2] == (6, 2) and test["num_skipped"] == 0  # 2 clips x 3 questions, 2 frames each
+    assert test["ids"] == [str(r["question_id"]) for r in records]
+    assert test["references"] == [r["answer"] for r in records]
+    train = next(iter(dm.train_dataloader()))
+    assert all(abs(sum(w) - 1.0) < 1e-9 for w in train["target_weights"])

@@ -196,3 +196,15 @@ def test_weighted_loss_is_the_weighted_mean_of_each_samples_own_loss(lm):
     weights = torch.tensor([0.7, 0.2, 0.1])
     weighted = lm.loss(prompts, None, [prefix] * 3, targets, weights)
     assert torch.allclose(weighted, (weights * singles).sum(), atol=1e-5)  # the weights sum to 1
+
+
+def test_a_given_decoding_replaces_the_models_own(tiny_t5_dir):
+    lm = Seq2SeqLM(str(tiny_t5_dir), decoding=Decoding(max_new_tokens=4, min_new_tokens=4))
+    torch.manual_seed(5)
+    prompts = torch.randn(2, 4, D)
+    prefixes = ["question what colour is the circle short answer"] * 2
+    own = lm.generate(prompts, None, prefixes)
+    short = lm.generate(prompts, None, prefixes, Decoding(max_new_tokens=1, min_new_tokens=1))
+    assert lm.decoding.max_new_tokens == 4  # untouched
+    for full, one in zip(own, short, strict=True):
+        assert len(one.split()) <= 1 and full.startswith(one)  # word-level tokenizer: one word at most, greedy
