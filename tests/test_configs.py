@@ -57,6 +57,9 @@ def test_data_module_composes_with_a_model_config(path, capsys):
     for key, value in data["init_args"].items():  # the data file's values win over the model config's
         if not isinstance(value, dict):
             assert resolved["data"]["init_args"][key] == value, key
+    generate = resolved["data"]["init_args"].get("generate")
+    if not isinstance(data["init_args"].get("generate"), dict):  # a real dataset, not a synthetic world
+        assert generate is None, f"{path.name} keeps the model config's synthetic world: set generate: null"
 
 
 def test_overrides_swap_a_component(capsys):

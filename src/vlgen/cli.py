@@ -16,23 +16,61 @@ Models and data modules are chosen in YAML with ``class_path`` / ``init_args``; 
 * ``vlgen report RUN_DIR [--world ROOT]``: what a test run scored, a few captions, and on a synthetic world the
   share of captions that state the world's ground-truth facts (:mod:`vlgen.report`).
 
-A configuration mistake (an unknown key, a path that does not exist) stops the run with one line naming it.
+A configuration mistake (an unknown key, a path that does not exist) stops the run with one line naming it, before
+anything is built: a ``--config`` file (or another argument naming a ``.yaml`` file) with a YAML syntax error is named
+with the line and column; a ``--ckpt_path`` that is missing, truncated or not a Lightning checkpoint is named too.
+
+Runs never overwrite one another:
+
+* The default CSV logger writes under ``--trainer.default_root_dir`` (``runs`` unless given) unless its ``save_dir``
+  is set to something else.
+* With ``--trainer.logger false`` each ``fit`` writes its checkpoints into a fresh ``DIR/checkpoints/run_N``
+  (``DIR`` the ``default_root_dir``; N one more than the largest there), so two fits in one root never interleave
+  their checkpoints; a fit resumed from ``DIR/checkpoints/run_N/X.ckpt`` continues in ``run_N``. A ModelCheckpoint
+  with its own ``dirpath`` keeps it.
+* A run whose log directory is fixed before it starts (a logger with a fixed ``version``; ``default_root_dir``
+  without a logger; a first logger other than CSV / TensorBoard logs into its ``save_dir``) is refused, with one
+  line, when that directory already holds ``metrics.json``, ``predictions.jsonl`` or (with a logger)
+  ``checkpoints/*.ckpt`` of an earlier run. A run that continues the run of that directory (its ``--ckpt_path`` lies
+  inside it, or is ``last``) may go on: a ``fit`` resumes; a ``test`` or ``predict`` may add its results beside the
+  checkpoints but not replace earlier results. ``--overwrite true`` lifts the refusal. Without a logger only the
+  files a run would replace count (``metrics.json`` and ``predictions.jsonl`` of ``test``, ``predict``).
+* Checkpoints are written atomically on any filesystem (:class:`AtomicCheckpointIO`: a temporary file beside the
+  target, fsync, ``os.replace``); Lightning's own write goes through a file in the system temp directory and, when
+  that is another filesystem, copies it over the target, so a kill mid-copy leaves a truncated ``last.ckpt``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import itertools
 import logging
 import os
 import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
+import torch
+from jsonargparse import Namespace
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from vlgen.errors import ConfigError
+from vlgen.errors import ConfigError, RunStopped
 
 EXTRA_VERBS = ("make-world", "make-shards", "convert", "report")
+DEFAULT_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+DEFAULT_ROOT = "runs"
+YAML_SUFFIXES = (".yaml", ".yml")
+CKPT_KEYWORDS = ("last", "best", "hpc")  # --ckpt_path values Lightning resolves itself (and "registry:...")
+EARLIER_RESULTS = ("metrics.json", "predictions.jsonl")
+WRITES = {"test": ("metrics.json", "predictions.jsonl"), "predict": ("predictions.jsonl",)}  # into the log dir
 
 
 class VLGenCLI(LightningCLI):
@@ -41,16 +79,40 @@ class VLGenCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults(
             {
-                "trainer.default_root_dir": "runs",
+                "trainer.default_root_dir": DEFAULT_ROOT,
                 "trainer.logger": {
-                    "class_path": "lightning.pytorch.loggers.CSVLogger",
-                    "init_args": {"save_dir": "runs", "name": "vlgen"},
+                    "class_path": DEFAULT_LOGGER,
+                    "init_args": {"save_dir": DEFAULT_ROOT, "name": "vlgen"},
                 },
             }
         )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="start even when the run's log directory holds metrics.json, predictions.jsonl or checkpoints of "
+            "an earlier run (they are replaced)",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then read ``--ckpt_path`` once: a missing, truncated or foreign file stops here with one line."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_ckpt_path(self.config[subcommand].get("ckpt_path"))
+
+    def before_instantiate_classes(self) -> None:
+        """Point the default logger at ``default_root_dir`` and refuse a log directory holding an earlier run."""
+        if not self.subcommand:
+            return
+        config = self.config[self.subcommand]
+        follow_default_root_dir(config.trainer)
+        if not config.get("overwrite") and rank_zero_only.rank == 0:
+            refuse_earlier_run(self.subcommand, config.trainer, config.get("ckpt_path"))
 
     def after_instantiate_classes(self) -> None:
-        """Give the model its ``model:`` config as resolved here, so that its checkpoints carry it (``vlgen.load``)."""
+        """Give the model its ``model:`` config as resolved here, so that its checkpoints carry it (``vlgen.load``);
+        give a logger-less fit its own checkpoint directory; write checkpoints atomically."""
         import yaml
 
         from vlgen.artifacts import attach_config
@@ -58,6 +120,173 @@ class VLGenCLI(LightningCLI):
         dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
         section = dumped.get(self.subcommand, dumped) if self.subcommand else dumped
         attach_config(self.model, section.get("model"))
+        if self.subcommand == "fit" and not self.trainer.loggers:
+            own_checkpoint_dir(self.trainer, self.config.fit.get("ckpt_path"))
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # not a CheckpointIO the user chose
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` whose local writes are atomic on any filesystem.
+
+    The checkpoint goes to ``PATH.tmp-<pid>`` in the target's directory, is fsync'ed and renamed over ``PATH``
+    (``os.replace``, atomic within one filesystem): a write that fails or is killed midway leaves the earlier file
+    whole (and at worst a stray ``.tmp-<pid>`` file). Remote paths (``s3://``...) go through Lightning's own write.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Write ``checkpoint`` to ``path`` atomically (see the class)."""
+        if storage_options is not None or "://" in str(path) or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (where the filesystem allows a directory to be fsync'ed)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_ckpt_path(ckpt_path: str | None) -> None:
+    """Read ``--ckpt_path`` once (tensors mapped, not read) so that a bad file stops the run with one line.
+
+    Lightning's keywords (``last``, ``best``, ``hpc``, ``registry...``) and remote URLs are left to Lightning.
+    """
+    if not ckpt_path or ckpt_path in CKPT_KEYWORDS or str(ckpt_path).startswith("registry") or "://" in ckpt_path:
+        return
+    from vlgen.loading import read_checkpoint
+
+    read_checkpoint(ckpt_path, "--ckpt_path", mmap=True)
+
+
+def follow_default_root_dir(trainer: Namespace) -> None:
+    """Move the default CSV logger's ``save_dir`` (still ``runs``) to a ``default_root_dir`` the user gave."""
+    root, logger = trainer.get("default_root_dir"), trainer.get("logger")
+    if not root or os.path.normpath(root) == DEFAULT_ROOT or not isinstance(logger, Namespace):
+        return
+    init_args = logger.get("init_args")
+    if logger.get("class_path") == DEFAULT_LOGGER and init_args and init_args.get("save_dir") == DEFAULT_ROOT:
+        init_args.save_dir = root
+
+
+def fixed_log_dir(trainer: Namespace) -> tuple[Path | None, bool]:
+    """The run's log directory (``Trainer.log_dir``'s rule) when it is known before the run, else None (a logger
+    that takes a fresh ``version_N``); and whether the run has a logger."""
+    logger = trainer.get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else False
+    if logger is False:
+        return Path(trainer.get("default_root_dir") or os.getcwd()), False
+    if not isinstance(logger, Namespace) or not logger.get("class_path"):
+        return None, True  # Lightning's default logger: a fresh version_N
+    module, _, name = logger.class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    init_args = logger.get("init_args")
+    kwargs = init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args or {})
+    if isinstance(cls, type) and issubclass(cls, (CSVLogger, TensorBoardLogger)):
+        return (None if kwargs.get("version") is None else Path(cls(**kwargs).log_dir)), True
+    save_dir = kwargs.get("save_dir")
+    return (Path(save_dir) if isinstance(save_dir, str) else None), True
+
+
+def refuse_earlier_run(subcommand: str, trainer: Namespace, ckpt_path: str | None) -> None:
+    """Stop (one line) a run whose fixed log directory holds results of an earlier run (see the module docstring)."""
+    log_dir, has_logger = fixed_log_dir(trainer)
+    if log_dir is None or not log_dir.is_dir():
+        return
+    found = [name for name in EARLIER_RESULTS if (log_dir / name).is_file()]
+    if has_logger and any((log_dir / "checkpoints").glob("*.ckpt")):
+        found.append("checkpoints/*.ckpt")
+    continues = ckpt_path == "last" or (
+        ckpt_path is not None and "://" not in ckpt_path and Path(ckpt_path).resolve().is_relative_to(log_dir.resolve())
+    )
+    replaced = [name for name in found if name in WRITES.get(subcommand, ())]
+    if replaced or (found and has_logger and not continues):
+        how = "--trainer.logger.init_args.version NAME" if has_logger else "--trainer.default_root_dir DIR"
+        raise ConfigError(
+            f"{log_dir} already holds {', '.join(found)} of an earlier run: choose another run directory with {how}, "
+            "or pass --overwrite true to replace them"
+        )
+
+
+def own_checkpoint_dir(trainer: Any, ckpt_path: str | None) -> None:
+    """Point a logger-less fit's ModelCheckpoints without a ``dirpath`` at a fresh ``ROOT/checkpoints/run_N``."""
+    callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath is None]
+    if not callbacks:
+        return
+    parent = Path(os.path.realpath(trainer.default_root_dir)) / "checkpoints"
+    run_dir = None
+    if ckpt_path and "://" not in ckpt_path and ckpt_path not in CKPT_KEYWORDS:
+        source = Path(os.path.realpath(ckpt_path)).parent
+        if source.parent == parent and source.name.startswith("run_"):
+            run_dir = source  # a resumed fit continues in its run's directory
+    if run_dir is None:
+        taken = [int(p.name[4:]) for p in parent.glob("run_*") if p.name[4:].isdigit()]
+        number = max(taken, default=-1) + 1
+        while True:
+            run_dir = parent / f"run_{number}"
+            if rank_zero_only.rank != 0:  # rank 0's choice reaches every rank (ModelCheckpoint.setup broadcasts it)
+                break
+            try:
+                run_dir.mkdir(parents=True)  # reserves it: a fit started at the same moment takes the next one
+                break
+            except FileExistsError:
+                number += 1
+    for callback in callbacks:
+        callback.dirpath = str(run_dir)
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Read the YAML files a command line names before jsonargparse does, so that a mistake in one is one line naming
+    the file (jsonargparse names ``<unicode string>``): ``--config X`` / ``-c X`` / ``--config=X``, and any other
+    ``--KEY X.yaml`` naming an existing file (``--data path.yaml``). A ``--config`` file that does not exist is named
+    too (a value with ``:``, ``{`` or a newline is an inline YAML string, which jsonargparse reads itself)."""
+    import yaml
+
+    pairs = [tuple(arg.split("=", 1)) for arg in argv if arg.startswith("--") and "=" in arg]
+    pairs += [(arg, value) for arg, value in itertools.pairwise(argv) if arg.startswith("-") and "=" not in arg]
+    for flag, value in pairs:
+        is_config = flag in ("--config", "-c")
+        path = Path(value)
+        if not path.is_file():
+            if is_config and not any(c in value for c in ":{\n"):
+                raise ConfigError(f"{flag} {value}: no such file")
+            continue
+        if not (is_config or value.lower().endswith(YAML_SUFFIXES)):
+            continue
+        try:
+            yaml.safe_load(path.read_text())
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark or err.context_mark
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            why = err.problem or err.context or type(err).__name__
+            if err.problem and err.context and err.context_mark is not None:  # where the unfinished part began
+                why += f" ({err.context} at line {err.context_mark.line + 1}, column {err.context_mark.column + 1})"
+            raise ConfigError(f"{flag} {value}: YAML syntax error{at}: {why}") from None
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{flag} {value}: cannot read it as YAML: {str(err).splitlines()[0]}") from None
 
 
 def _quiet_third_party() -> None:
@@ -158,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
 
             report(argv[1:])
             return
+        check_config_files(argv)
         VLGenCLI(
             LightningModule,
             LightningDataModule,
@@ -194,7 +424,7 @@ def _config_cause(err: BaseException | None) -> BaseException | None:
     """The configuration error behind ``err`` (jsonargparse wraps errors raised while building components)."""
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, (ConfigError, FileNotFoundError)):
+        if isinstance(err, (ConfigError, RunStopped, FileNotFoundError)):
             return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__

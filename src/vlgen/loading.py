@@ -19,8 +19,8 @@ import importlib.util
 import json
 import logging
 import os
-import pickle
 import shutil
+import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -223,12 +223,56 @@ def _blip2_language_model(auto_class: Any, config: Any, path: str, dtype: DType,
     return load_part(model_class, config.text_config, path, "language_model.", dtype, option)
 
 
-def read_checkpoint(path: str | Path, option: str) -> dict[str, Any]:
-    """A Lightning checkpoint read onto the CPU (tensors and plain data only), or a one-line error naming ``option``."""
+_UNREADABLE_FILE = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def read_checkpoint(path: str | Path, option: str, *, mmap: bool = False) -> dict[str, Any]:
+    """A Lightning checkpoint read onto the CPU (tensors and plain data only), or a one-line error naming ``option``.
+
+    The file is read as Lightning's CLI reads ``--ckpt_path`` (``weights_only=True``: no code in the file runs). It
+    must hold a dict with a ``state_dict``. With ``mmap`` a zip-format checkpoint's tensors are mapped, not read: a
+    cheap check that the file is whole (a truncated file has lost the zip directory at its end).
+
+    Raises:
+        ConfigError: ``OPTION: cannot read PATH: ...`` when the file is missing or not readable, else
+            ``OPTION PATH: not a readable checkpoint (truncated or not a torch file: ...)`` (``OPTION: PATH: ...``
+            for a config key; ``OPTION PATH`` for a flag such as ``--ckpt_path``).
+    """
+    where = f"{option} {path}" if option.startswith("-") else f"{option}: {path}"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-        raise ConfigError(f"{option}: cannot read {path}: {str(err).splitlines()[0]}") from None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except _UNREADABLE_FILE as err:
+        raise ConfigError(f"{option}: cannot read {path}: {err.strerror or load_failure(err)}") from None
+    except Exception as err:  # truncated (EOFError, zip reader errors), a foreign pickle, another format
+        why = _why(err, path)
+        raise ConfigError(f"{where}: not a readable checkpoint (truncated or not a torch file: {why})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        what = "a dict without a state_dict" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
+        raise ConfigError(
+            f"{where}: not a readable checkpoint (truncated or not a torch file: it holds {what}, "
+            "not a Lightning checkpoint)"
+        )
+    return checkpoint
+
+
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19")  # zip; legacy format
+
+
+def _why(err: BaseException, path: str | Path) -> str:
+    """What ``torch.load`` objected to in ``path``, in one short sentence."""
+    with open(path, "rb") as f:
+        head = f.read(len(_TORCH_MAGIC[1]))
+    if not head:
+        return "the file is empty"
+    if not head.startswith(_TORCH_MAGIC):
+        return "it is neither a zip-format nor a legacy torch file"
+    text = str(err)
+    if "WeightsUnpickler error:" in text:  # a weights-only refusal: its reason follows the marker
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    text = next((ln.strip() for ln in text.splitlines() if ln.strip()), "").split(". ")[0].rstrip(".")
+    if isinstance(err, EOFError) or "EOF" in text:
+        return f"the file ends early ({text})" if text else "the file ends early"
+    return text or type(err).__name__
 
 
 # --- checked weight loading -----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ def vlgen(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProc
     """Run ``vlgen ARGS`` in ``cwd``; with ``check``, a non-zero exit fails the test with the end of stderr."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "vlgen.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "vlgen.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1800
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"vlgen {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

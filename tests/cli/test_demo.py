@@ -41,7 +41,7 @@ def test_demo_script_runs_every_step_and_reports(tmp_path):
     overlay.write_text(SHRINK)
     env = {**os.environ, "BIN": str(Path(sys.executable).parent), "DEMO_OVERLAY": str(overlay)}
     proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "demo.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+        ["bash", str(REPO / "scripts" / "demo.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout

@@ -104,7 +104,7 @@ def test_a_vqa_task_brings_its_metric_decoding_and_submission_file(tmp_path, llm
     assert isinstance(model.test_metrics, VQAAccuracy) and seen and all(d is task.decoding for d in seen)
     run = tmp_path / "run"
     scores = json.loads((run / "metrics.json").read_text())
-    assert set(scores) == {"accuracy", "answer_type=other", "question_type=what is"}
+    assert set(scores) == {"accuracy", "answer_type=other", "question_type=what is", "skipped"}
     rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == [f"Question: what is {k}? Short answer:" for k in range(3)]
     expected = 100 * sum(r["caption"].strip().lower() == "x" for r in rows) / 3

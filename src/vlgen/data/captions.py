@@ -4,11 +4,15 @@
 grouped by :func:`caption_items` (one sample per caption for training, one per image or video with every caption as
 references for evaluation), predict from a folder (:func:`media_files`), transforms asked of the attached model,
 loaders and the summary line. A subclass says how one sample is loaded (:meth:`CaptionDataModule._dataset`).
+The training loader's position is part of the module's ``state_dict`` (so of every checkpoint): a run resumed from a
+mid-epoch checkpoint trains on exactly the batches, and draws exactly the augmentations, of an uninterrupted one
+(:mod:`vlgen.data.resume`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +32,7 @@ from vlgen.data.common import (
     read_records,
     require_file,
 )
+from vlgen.data.resume import EpochBatches, ResumableLoader, batches_this_epoch, run_seed, trainer_world
 from vlgen.data.vqa import VQAQuestion, VQATask
 from vlgen.errors import ConfigError
 from vlgen.interfaces import ProvidesImageTransform
@@ -131,11 +136,40 @@ def caption_sample(item: CaptionItem, pixels: Any) -> CaptionSample:
 
 
 def media_files(folder: Path, suffixes: frozenset[str], option: str) -> list[str]:
-    """Files below ``folder`` with one of ``suffixes`` (any case), relative and sorted; errors name ``option``."""
+    """Files below ``folder`` with one of ``suffixes`` (any case), relative and sorted; errors name ``option``.
+
+    Nothing is dropped without a word. A name with a media suffix that does not lead to a readable regular file is
+    logged by name, with the count, in one warning: a dangling symlink or an unreadable file stays in the list, so the
+    dataset counts it as a bad sample when loading (or raises, under ``skip_bad_samples: false``); a special file
+    (a FIFO, a socket, a device) is left out, since opening it can block. Files with other suffixes are ignored, and
+    one info line says how many, with the first few names.
+    """
     if not folder.is_dir():
         raise FileNotFoundError(f"{option}: {folder} does not exist")
-    found = (p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
-    names = sorted(p.relative_to(folder).as_posix() for p in found)
+    names: list[str] = []
+    odd: list[str] = []  # media names that are not readable regular files, each with what is wrong
+    ignored: list[str] = []
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_dir():
+            continue
+        if path.suffix.lower() not in suffixes:
+            ignored.append(name)
+        elif path.is_file():
+            names.append(name)
+            if not os.access(path, os.R_OK):
+                odd.append(f"{name} (not readable)")
+        elif not path.exists():  # a symlink to nowhere (or a loop of them)
+            names.append(name)
+            odd.append(f"{name} (dangling symlink)")
+        else:
+            odd.append(f"{name} (not a regular file: left out)")
+    if odd:
+        log.warning("%s: %d of the media files in %s cannot be read: %s", option, len(odd), folder, ", ".join(odd))
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else "")
+        log.info("%s: ignored %d files in %s without a media suffix: %s", option, len(ignored), folder, shown)
+    names.sort()
     if not names:
         raise ConfigError(f"{option}: {folder} holds no {'/'.join(sorted(suffixes))} files")
     return names
@@ -168,6 +202,8 @@ class CaptionDataModule(pl.LightningDataModule, ABC):
 
     media_field: ClassVar[str]
     media_suffixes: ClassVar[frozenset[str]]
+    train_loader: ResumableLoader | None = None  # the training position lives here (see :meth:`state_dict`)
+    _restored: dict[str, int] | None = None  # a checkpoint's position, for the next training loader
 
     def __init__(
         self,
@@ -260,7 +296,7 @@ class CaptionDataModule(pl.LightningDataModule, ABC):
         names = media_files(self.predict_dir, self.media_suffixes, "data.predict_dir")
         return self._dataset([CaptionItem(n, (), n) for n in names], self.predict_dir, self._transform(False), False)
 
-    def _loader(self, split: str, batch_size: int) -> DataLoader | list:
+    def _loader(self, split: str, batch_size: int) -> DataLoader | ResumableLoader | list:
         if split not in self.datasets:
             self.setup(SPLIT_STAGE[split])
         if split not in self.datasets:  # its file is null: Lightning skips an empty list of loaders
@@ -268,10 +304,44 @@ class CaptionDataModule(pl.LightningDataModule, ABC):
         dataset = self.datasets[split]
         dataset.transform = self._transform(split == "train")  # the model may have changed since setup
         collate = CaptionCollate(self._pixel_shape(dataset.transform))  # the pixels of an all-bad batch
-        return make_loader(dataset, batch_size, split == "train", self.num_workers, self.pin_memory, collate)
+        if split == "train":
+            return self._train_loader(dataset, batch_size, collate)
+        return make_loader(dataset, batch_size, False, self.num_workers, self.pin_memory, collate)
 
-    def train_dataloader(self) -> DataLoader | list:
+    def _train_loader(self, dataset: Dataset, batch_size: int, collate: CaptionCollate) -> ResumableLoader:
+        """The resumable training loader (:mod:`vlgen.data.resume`): epoch ``e`` in the order of ``(seed, e)``,
+        sharded over the trainer's ranks, each sample's augmentation seeded by its position, starting past a restored
+        position's samples. The seed is the module's ``seed`` where it has one, else the run's (``seed_everything``).
+        """
+        trainer = self.trainer
+        rank, world = trainer_world(trainer)
+        seed = getattr(self, "seed", None)
+        order = EpochBatches(len(dataset), batch_size, run_seed() if seed is None else int(seed), rank, world)
+        epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else None
+        progress_fn = (lambda: batches_this_epoch(trainer)) if trainer is not None else None
+        loader = ResumableLoader(dataset, order, collate, self.num_workers, self.pin_memory, epoch_fn, progress_fn)
+        if self._restored is not None:
+            loader.load_state_dict(self._restored)
+            self._restored = None
+        self.train_loader = loader
+        return loader
+
+    def train_dataloader(self) -> ResumableLoader | list:
         return self._loader("train", self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position (Lightning saves it in every checkpoint): ``{"train_position": {"epoch",
+        "consumed", "batches", "seed"}}``, ``consumed`` counting the epoch's samples trained on over all ranks."""
+        if self.train_loader is None:
+            return {"train_position": self._restored} if self._restored else {}
+        position = self.train_loader.state_dict()
+        return {"train_position": position} if position else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue at a checkpoint's training position: the next training loader starts past its samples."""
+        self._restored = state_dict.get("train_position")
+        if self.train_loader is not None and self._restored is not None:
+            self.train_loader.load_state_dict(self._restored)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val", self.eval_batch_size)

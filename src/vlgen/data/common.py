@@ -9,9 +9,11 @@ batch (``num_skipped``) out of dataloader workers. With ``strict=True`` both rai
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +63,11 @@ def read_records(path: Path, bad: BadRecords) -> Iterator[tuple[str, dict[str, A
     """``(position, record)`` for each JSON object of a JSON list, a JSONL file or an official COCO captions file.
 
     A whole file that is not JSON raises :class:`~vlgen.errors.ConfigError`; a bad JSONL line or a non-object entry
-    goes to ``bad`` with its line or record number.
+    goes to ``bad`` with its line or record number. The text is read by :func:`read_text`: in a file that is not
+    valid UTF-8, each line (JSONL) or record (JSON) holding undecodable bytes goes to ``bad`` too, naming the encoding
+    problem, and is skipped; the others are read exactly (no character is replaced).
     """
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text, damaged = read_text(path)
     whole: Any = None
     if text.lstrip().startswith(("[", "{")):
         try:
@@ -84,15 +88,64 @@ def read_records(path: Path, bad: BadRecords) -> Iterator[tuple[str, dict[str, A
     else:
         located = _jsonl(text, bad)
     for where, record in located:
-        if isinstance(record, dict):
-            yield where, record
-        else:
+        if not isinstance(record, dict):
             bad(where, "not a JSON object")
+        elif damaged and (byte := _undecodable(record)) is not None:
+            bad(where, _not_utf8(byte))
+        else:
+            yield where, record
+
+
+def read_text(path: Path) -> tuple[str, bool]:
+    """The text of an annotation file and whether it had bytes that are not UTF-8.
+
+    UTF-8 (a byte-order mark is dropped), or UTF-16 / UTF-32 when the file starts with their byte-order mark. Bytes
+    of a file that is not valid UTF-8 come back as lone surrogates (``surrogateescape``): never mistaken for text, and
+    found again by the caller, which skips what holds them (a Latin-1 "café" is never silently read as "caf" + U+FFFD).
+    """
+    raw = path.read_bytes()
+    for codec, boms in _WIDE_BOMS:  # UTF-32 first: its little-endian mark starts like UTF-16's
+        if raw.startswith(boms):
+            try:
+                return raw.decode(codec), False
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{path}: not valid {codec} ({err.reason}); re-encode it as UTF-8") from None
+    try:
+        return raw.decode("utf-8-sig"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8-sig", errors="surrogateescape"), True
+
+
+_WIDE_BOMS = (
+    ("UTF-32", (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)),
+    ("UTF-16", (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)),
+)
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of the bytes 0x80-0xff
+
+
+def _undecodable(value: Any) -> int | None:
+    """The first byte that was not UTF-8 in a decoded string or in the keys and values of a JSON value, if any."""
+    if isinstance(value, str):
+        found = _UNDECODABLE.search(value)
+        return None if found is None else ord(found.group()) - 0xDC00
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        for item in value:
+            if (byte := _undecodable(item)) is not None:
+                return byte
+    return None
+
+
+def _not_utf8(byte: int) -> str:
+    return f"not valid UTF-8 (byte 0x{byte:02x}); re-encode the file as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8)"
 
 
 def _jsonl(text: str, bad: BadRecords) -> Iterator[tuple[str, Any]]:
     for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
+        if (byte := _undecodable(line)) is not None:  # only a file that is not UTF-8 has these
+            bad(f"line {n}", _not_utf8(byte))
+        elif line.strip():
             try:
                 yield f"line {n}", json.loads(line)
             except json.JSONDecodeError as err:
@@ -210,7 +263,13 @@ _OPTIONAL_KEYS = (
 def make_loader(
     dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool, collate: Callable
 ) -> DataLoader:
-    """A DataLoader as every vlgen data module builds it (Lightning adds a DistributedSampler under DDP)."""
+    """A DataLoader as every vlgen data module builds it (Lightning adds a DistributedSampler under DDP).
+
+    An unshuffled (evaluation) loader gets a generator of its own, so starting it draws nothing from torch's global
+    generator: validating never shifts the dropout masks of the training steps after it, and a resumed run, which
+    may validate at other points, keeps drawing what an uninterrupted one draws. (The training loaders of the map-style
+    modules are :class:`vlgen.data.resume.ResumableLoader` s.)
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -220,4 +279,5 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         collate_fn=collate,
+        generator=None if shuffle else torch.Generator().manual_seed(0),
     )

@@ -7,7 +7,8 @@ image with all of its captions as references (records are grouped by ``image_id`
 model tokenises) and images transformed as the model's encoder expects: the module asks the attached
 LightningModule for ``image_transform(train)``. Unusable records and unreadable images are skipped and counted
 (see :mod:`vlgen.data.common`); :mod:`vlgen.data.captions` holds the split, loader and summary logic shared with
-the video module.
+the video module. Images are read by :func:`vlgen.data.images.to_rgb` (EXIF orientation applied, 16-bit and float
+greyscale scaled by their range, transparency on white, the first frame of a GIF).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from torch.utils.data import Dataset
 
 from vlgen.data.captions import CaptionDataModule, CaptionItem, Transform, caption_sample
 from vlgen.data.common import BadFiles, CaptionSample
+from vlgen.data.images import to_rgb
 from vlgen.data.synthetic.shapes import ShapesWorld
 from vlgen.data.vqa import VQATask
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"})  # GIF: 1st frame
 ImageItem = CaptionItem  # the image path is ``item.path``
 
 
@@ -48,7 +50,7 @@ class ImageCaptionDataset(Dataset):
         path = self.image_root / item.path
         try:
             with Image.open(path) as img:
-                rgb = img.convert("RGB")  # decodes the whole file: a truncated one fails here, not in the model
+                rgb = to_rgb(img)  # decodes the whole file: a truncated one fails here, not in the model
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             self.bad_files(str(path), err)
             return None

@@ -3,12 +3,19 @@
 Sources are ``.txt`` files (one sentence per line), JSONL files and ``.json`` caption lists (records whose
 ``text_field`` holds a string or a list of strings; each non-empty string is one sentence). ``.txt`` and ``.jsonl``
 are streamed line by line and never held in memory; a ``.json`` list is loaded whole (fine for caption files).
-Every line (or ``.json`` record) belongs to exactly one of ``world_size * num_workers`` shards, round robin, so one
-pass over all shards yields each sentence once; each shard shuffles with a seeded buffer. Batches are built inside the
-dataset and carry the count of unusable lines they skipped (``num_skipped``), so it survives worker processes.
-The training stream cycles epochs forever (epoch ``e`` reshuffles with ``seed + e``): every DDP rank can run the same
-number of steps, so a stage-0 config must bound training with ``trainer.max_steps`` and validate every
-``trainer.val_check_interval`` (an int) steps. Validation is one finite pass, in file order.
+Every line (or ``.json`` record) belongs to exactly one of ``world_size`` shards (one per rank), round robin, so one
+pass over all shards yields each sentence once; each shard shuffles with a seeded buffer. Every dataloader worker of a
+rank reads the rank's whole shard and builds every ``num_workers``-th of its batches (worker ``w`` the batches
+``w, w + K, ...``, which the DataLoader hands out in turn), so a rank's batches do not depend on ``num_workers``.
+Batches are built inside the dataset and carry the count of unusable lines met since the batch before
+(``num_skipped``), so it survives worker processes and is counted once. The training stream cycles epochs forever
+(epoch ``e`` reshuffles with ``seed + e``): every DDP rank can run the same number of steps, so a stage-0 config must
+bound training with ``trainer.max_steps`` and validate every ``trainer.val_check_interval`` (an int) steps.
+Validation is one finite pass, in file order.
+
+Exact resume: the number of training batches trained is part of the data module's ``state_dict`` (so of every
+checkpoint, :mod:`vlgen.data.resume`); a resumed stream starts at that batch, skipping the sentences before it (at most
+about two passes over its shard are read to get there), so it yields what an uninterrupted run yields next.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlgen import dist
 from vlgen.data.common import BadRecords, BadSample, make_loader, read_records, require_file
+from vlgen.data.resume import StreamLoader, batches_in_total
 from vlgen.data.synthetic.shapes import ShapesWorld
 from vlgen.errors import ConfigError
 from vlgen.interfaces import TextBatch
@@ -97,6 +105,8 @@ class TextStream(IterableDataset):
         strict: raise :class:`~vlgen.data.common.BadSample` on an unusable line instead of skipping it.
         rank: this process's rank (None: from ``torch.distributed`` when initialised, else 0).
         world_size: number of ranks (None: from ``torch.distributed`` when initialised, else 1).
+        start_batch: the first batch to yield: a resumed stream skips the ``start_batch * batch_size`` sentences of
+            the batches before it (cycling streams; over their epochs).
     """
 
     def __init__(
@@ -113,56 +123,70 @@ class TextStream(IterableDataset):
         strict: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        start_batch: int = 0,
     ) -> None:
         super().__init__()
         self.files, self.batch_size, self.text_field = files, batch_size, text_field
         self.min_words, self.max_words = min_words, max_words
         self.shuffle_buffer, self.seed, self.cycle, self.epoch = shuffle_buffer, seed, cycle, epoch
-        self.strict, self.rank, self.world_size = strict, rank, world_size
+        self.strict, self.rank, self.world_size, self.start_batch = strict, rank, world_size, start_batch
         self._bad: dict[Path, BadRecords] = {}  # per process; counts accumulate over passes
-        self._reported = 0
 
     def shard(self) -> tuple[int, int]:
-        """``(index, count)`` of the shard this process and dataloader worker reads."""
+        """``(index, count)`` of the shard this process reads: its rank's, whichever dataloader worker it is."""
         rank = self.rank if self.rank is not None else dist.rank()
         world = self.world_size if self.world_size is not None else dist.world_size()
+        return rank, world
+
+    @staticmethod
+    def worker() -> tuple[int, int]:
+        """``(index, count)`` of this dataloader worker among its rank's (``(0, 1)`` in the main process)."""
         info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        return rank * workers + worker, world * workers
+        return (info.id, info.num_workers) if info is not None else (0, 1)
 
     def __iter__(self) -> Iterator[TextBatch]:
         shard, count = self.shard()
-        epoch, batch = self.epoch, []
+        worker, workers = self.worker()
+        epoch, batch, number = self.epoch, [], self.start_batch  # number: of the batch being filled
+        skip = self.start_batch * self.batch_size  # sentences of the batches before the first one to yield
+        mark = self._skipped()  # bad lines met before the batch being filled
+
+        def mine() -> bool:  # the batch being filled is this worker's to yield
+            return (number - self.start_batch) % workers == worker
+
         while True:
             rng = random.Random(f"{self.seed + epoch}/{shard}/{count}")
             stats = {"sentences": 0, "filtered": 0}
             for sentence in shuffled(self._sentences(shard, count, stats), self.shuffle_buffer, rng):
+                if skip:
+                    skip, mark = skip - 1, self._skipped()
+                    continue
                 batch.append(sentence)
                 if len(batch) == self.batch_size:
-                    yield TextBatch(text=batch, num_skipped=self._new_skipped())
-                    batch = []
-            log.info(
-                "text shard %d/%d epoch %d: %d sentences, %d filtered by length, %d bad lines skipped so far",
-                shard, count, epoch, stats["sentences"], stats["filtered"], self._skipped(),
-            )  # fmt: skip
+                    if mine():
+                        yield TextBatch(text=batch, num_skipped=self._skipped() - mark)
+                    batch, number, mark = [], number + 1, self._skipped()
+            if worker == 0:
+                log.info(
+                    "text shard %d/%d epoch %d: %d sentences, %d filtered by length, %d bad lines skipped so far",
+                    shard, count, epoch, stats["sentences"], stats["filtered"], self._skipped(),
+                )  # fmt: skip
             if not self.cycle:
-                if batch or self._skipped() > self._reported:
-                    yield TextBatch(text=batch, num_skipped=self._new_skipped())
+                if (batch or self._skipped() > mark) and mine():
+                    yield TextBatch(text=batch, num_skipped=self._skipped() - mark)
                 return
             if not stats["sentences"]:
                 raise ConfigError(
                     f"data.train_files: shard {shard} of {count} got no usable sentence in a whole pass "
-                    f"({stats['filtered']} filtered by length, {self._skipped()} bad); fewer workers or more data"
+                    f"({stats['filtered']} filtered by length, {self._skipped()} bad); fewer ranks or more data"
                 )
             epoch += 1
+            if skip >= stats["sentences"]:  # every pass holds as many sentences: jump over the passes to skip
+                passes = skip // stats["sentences"]
+                epoch, skip = epoch + passes, skip - passes * stats["sentences"]
 
     def _skipped(self) -> int:
         return sum(bad.count for bad in self._bad.values())
-
-    def _new_skipped(self) -> int:
-        """Bad lines met since the last batch (what the next batch reports)."""
-        new, self._reported = self._skipped() - self._reported, self._skipped()
-        return new
 
     def _sentences(self, shard: int, count: int, stats: dict[str, int]) -> Iterator[str]:
         """This shard's sentences, in file order, after the length filter; unusable lines go to ``BadRecords``."""
@@ -239,7 +263,8 @@ class TextCorpusDataModule(pl.LightningDataModule):
         max_words: drop sentences with more words (null: no limit).
         batch_size: training sentences per batch per device.
         eval_batch_size: validation sentences per batch per device (default: ``batch_size``).
-        num_workers: dataloader worker processes; each reads its own shard of every file.
+        num_workers: dataloader worker processes; each reads the rank's shard and builds every
+            ``num_workers``-th batch of it (the batches do not depend on this number).
         seed: seed of the shuffle (epoch ``e`` of the training stream uses ``seed + e``).
         shuffle_buffer: sentences held by each shard's shuffle buffer (0: file order).
         skip_bad_samples: skip (log and count) empty, undecodable and bad JSON lines; false raises on the first.
@@ -281,6 +306,8 @@ class TextCorpusDataModule(pl.LightningDataModule):
         self.strict = not skip_bad_samples
         self.generate = generate
         self.files: dict[str, list[Path]] = {}
+        self.train_loader: StreamLoader | None = None
+        self._restored: dict[str, int] | None = None  # a checkpoint's position, for the next training loader
         if generate is None:
             self._resolve()
         elif any(c in train_files[0] for c in "*?["):
@@ -304,21 +331,47 @@ class TextCorpusDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (None, None)
 
-    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader | list:
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader | StreamLoader | list:
         if not self.files:
             self.setup()
         if split not in self.files:  # no validation files: Lightning skips an empty list of loaders
             return []
         rank, world = self._rank()
-        stream = TextStream(
-            self.files[split], batch_size, self.text_field, self.min_words, self.max_words,
-            shuffle_buffer=self.shuffle_buffer if train else 0, seed=self.seed, cycle=train,
-            strict=self.strict, rank=rank, world_size=world,
-        )  # fmt: skip
-        return make_loader(stream, None, False, self.num_workers, False, _as_is)  # type: ignore[arg-type]
 
-    def train_dataloader(self) -> DataLoader | list:
+        def stream(start_batch: int = 0) -> TextStream:
+            return TextStream(
+                self.files[split], batch_size, self.text_field, self.min_words, self.max_words,
+                shuffle_buffer=self.shuffle_buffer if train else 0, seed=self.seed, cycle=train,
+                strict=self.strict, rank=rank, world_size=world, start_batch=start_batch,
+            )  # fmt: skip
+
+        if not train:
+            return make_loader(stream(), None, False, self.num_workers, False, _as_is)  # type: ignore[arg-type]
+        trainer = self.trainer
+        progress_fn = (lambda: batches_in_total(trainer)) if trainer is not None else None
+        loader = StreamLoader(stream, self.num_workers, self.seed, progress_fn)
+        if self._restored is not None:
+            loader.load_state_dict(self._restored)
+            self._restored = None
+        self.train_loader = loader
+        return loader
+
+    def train_dataloader(self) -> StreamLoader | list:
         return self._loader("train", self.batch_size, train=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position (Lightning saves it in every checkpoint): ``{"train_position":
+        {"batches": n}}``, the batches trained so far (the same number on every rank)."""
+        if self.train_loader is None:
+            return {"train_position": self._restored} if self._restored else {}
+        position = self.train_loader.state_dict()
+        return {"train_position": position} if position else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue at a checkpoint's position: the next training stream starts at its batch."""
+        self._restored = state_dict.get("train_position")
+        if self.train_loader is not None and self._restored is not None:
+            self.train_loader.load_state_dict(self._restored)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val", self.eval_batch_size, train=False)

@@ -49,9 +49,12 @@ def transform_clip(frames: np.ndarray, transform: Transform, seed: int) -> Tenso
 class VideoCaptionDataset(Dataset):
     """Samples, decodes and transforms the frames of each video; an unusable video comes back as ``None``.
 
-    Random frame choices (and the clip's augmentation) come from a generator per process, seeded by ``seed`` and by
-    torch's seed for that process: each dataloader worker draws differently, each epoch continues the stream, and a
-    run seeded with ``seed_everything`` repeats itself.
+    Training reads samples through :meth:`seeded_item` (the module's loader, :mod:`vlgen.data.resume`): the frame
+    choices and the clip's augmentation come from the sample's own seed, a function of the data seed, the epoch and
+    the sample's position in it, so they are the same in any worker, with any ``num_workers``, and in a resumed run.
+    Indexing the dataset directly (``dataset[i]``, the evaluation loaders) draws from a generator per process, seeded
+    by ``seed`` and by torch's seed for that process: each dataloader worker draws differently, each pass continues
+    the stream, and a run seeded with ``seed_everything`` repeats itself.
 
     Args:
         items: the samples.
@@ -91,9 +94,16 @@ class VideoCaptionDataset(Dataset):
         return self._rng
 
     def __getitem__(self, index: int) -> CaptionSample | None:
+        return self.load(index, self.rng())
+
+    def seeded_item(self, index: int, seed: int) -> CaptionSample | None:
+        """Sample ``index`` with its frames and augmentation drawn from ``seed`` alone."""
+        return self.load(index, random.Random(seed))
+
+    def load(self, index: int, rng: random.Random) -> CaptionSample | None:
+        """Sample ``index``, its frames chosen and its clip augmented with draws from ``rng``."""
         item = self.items[index]
         path = self.video_root / item.path
-        rng = self.rng()
         try:
             frames = self.reader.read(path, lambda count: self.sampler(count, rng))  # [T, H, W, 3] uint8
         except (OSError, VideoError) as err:
@@ -127,7 +137,8 @@ class VideoTextDataModule(CaptionDataModule):
         pin_memory: pin host memory for faster copies to the GPU.
         skip_bad_samples: skip (log and count) unusable records and videos; false raises on the first.
         image_size: frame side of the fallback transform, used only without a model that provides one.
-        seed: seeds the random frame choices (mixed with each worker's torch seed).
+        seed: seeds the training order and each training clip's frame choices and augmentation (by the clip's
+            position in its epoch); evaluation clips mix it with each worker's torch seed.
         generate: a synthetic video world to write into ``root`` when it is not there yet.
         prompt_field: the record field holding each sample's own text for the model to read before the caption
             (a question, an instruction); evaluation then keeps one sample per (media, text). None: captions only.

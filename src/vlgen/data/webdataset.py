@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlgen.data.captions import CaptionItem, Transform, choose_transform, media_files
 from vlgen.data.common import BadFiles, BadSample, CaptionCollate, CaptionSample, make_loader, seeded_transform
 from vlgen.data.image_text import IMAGE_SUFFIXES, ImageCaptionDataset
+from vlgen.data.images import to_rgb
 from vlgen.data.shards.index import Kind, media_ext
 from vlgen.data.shards.order import dropped_remainder
 from vlgen.data.shards.stream import Plan, RawSample, ShardLoader, ShardSource, ShardStream
@@ -140,7 +141,7 @@ class ImageDecoder(CaptionDecoder):
 
     def pixels(self, raw: RawSample, data: bytes, seed: int) -> Any:
         with Image.open(io.BytesIO(data)) as img:
-            rgb = img.convert("RGB")  # decodes the whole image: a truncated one fails here
+            rgb = to_rgb(img)  # decodes the whole image: a truncated one fails here
         return seeded_transform(self.transform, rgb, seed) if self.seeded else self.transform(rgb)
 
 

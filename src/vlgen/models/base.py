@@ -1,9 +1,26 @@
-"""What every vlgen LightningModule shares: the optimiser, trainable-only checkpoints, skipped-sample counts.
+"""What every vlgen LightningModule shares: the optimiser, trainable-only checkpoints, skipped-sample counts, and
+the guards that stop a run which cannot learn anything.
 
 Frozen parameters (the LLM, usually the vision encoder) never enter the optimiser or a checkpoint: a checkpoint holds
 the trainable weights plus the optimiser and scheduler state, so a run with a frozen 135M-parameter LLM saves
 megabytes. Loading relies on the frozen parts being rebuilt from the same config (``strict_loading = False``), and
 checks that every trainable weight the model expects is in the checkpoint.
+
+Guards (each stop is a :class:`~vlgen.errors.RunStopped` with one line; under DDP every rank decides alike):
+
+* A non-finite training loss (the weighted total or any term) or gradient is caught after backward, before the
+  optimiser step (:meth:`VLModule.on_before_optimizer_step`): with ``nonfinite: stop`` the run stops naming the step,
+  the non-finite terms and the batch's sample ids, so the weights are never updated with it; with ``nonfinite: skip``
+  the step's gradients are dropped (no update, not even weight decay), the step is counted and logged as
+  ``train/nonfinite_skipped``, and the run stops after ``NONFINITE_SKIP_LIMIT`` skipped steps in a row. Gradients are
+  not checked under fp16 loss scaling, whose scaler skips such steps itself. A checkpoint whose trainable weights are
+  not finite is never written.
+* Unreadable samples are counted per split (``train``, ``val``, ``test``, ``predict``), summed over ranks and logged as
+  ``<split>/skipped`` at that split's epoch end. A split whose whole epoch had no usable sample stops the run; so do
+  the first ``EMPTY_BATCHES_TO_STOP`` training batches of an epoch when none held a usable sample, and a validation
+  during training that follows only unusable training batches (before a checkpoint is written).
+* A training batch with no usable sample takes no optimiser step. Under DDP its rank still returns a zero loss
+  connected to every trainable parameter, so the gradient all-reduce matches the other ranks'.
 """
 
 from __future__ import annotations
@@ -13,7 +30,7 @@ import math
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -21,13 +38,18 @@ import torch
 from torch import Tensor, nn
 
 from vlgen import artifacts
-from vlgen.dist import world_size
-from vlgen.errors import ConfigError
+from vlgen.dist import gather_objects, rank, world_size
+from vlgen.errors import ConfigError, RunStopped
 from vlgen.interfaces import BridgeOutput, count_parameters
 from vlgen.loading import load_checked, read_checkpoint
 from vlgen.objectives import ModelParts, Objective
 
 log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test", "predict")
+EMPTY_BATCHES_TO_STOP = 20  # training batches of an epoch, all without a usable sample, that stop the run
+NONFINITE_SKIP_LIMIT = 20  # consecutive optimiser steps skipped for a non-finite loss that stop the run anyway
+_MAX_IDS = 32  # sample ids named in one message
 
 
 @dataclass
@@ -66,18 +88,38 @@ class VLModule(pl.LightningModule, ABC):
     The template (:meth:`training_step`) asks the subclass for its named, unweighted losses of a batch
     (:meth:`training_losses`), multiplies each by its weight (an objective's own ``weight``, else
     ``loss_weights[name]``, else 1), logs every term as ``train/<name>`` and the weighted sum as ``train/loss``, and
-    counts the samples the loader could not read.
+    counts the samples the loader could not read (per split: pass the split to :meth:`count_skipped` and
+    :meth:`report_skipped`). A subclass that overrides :meth:`on_before_optimizer_step`, :meth:`on_train_epoch_start`
+    or :meth:`on_train_epoch_end` must call ``super()``'s: the guards live there.
 
     Args:
         optim: optimiser and schedule.
         objectives: auxiliary objectives; the subclass builds them with its parts (:meth:`build_objectives`).
+        nonfinite: what a non-finite training loss or gradient does: ``stop`` the run with one line naming the step,
+            the terms and the samples (before the optimiser step), or ``skip`` the step (no update; counted and
+            logged as ``train/nonfinite_skipped``).
     """
 
-    def __init__(self, optim: Optim | None = None, objectives: list[Objective] | None = None) -> None:
+    def __init__(
+        self,
+        optim: Optim | None = None,
+        objectives: list[Objective] | None = None,
+        nonfinite: Literal["stop", "skip"] = "stop",
+    ) -> None:
         super().__init__()
+        if nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.optim = optim or Optim()
+        self.nonfinite = nonfinite
         self.strict_loading = False  # frozen weights are rebuilt from the config, not read from the checkpoint
-        self._skipped = 0
+        self.skip_counts = dict.fromkeys(SPLITS, 0)  # unreadable samples this epoch, this rank, per split
+        self.usable_counts = dict.fromkeys(SPLITS, 0)  # usable samples this epoch, this rank, per split
+        self.nonfinite_skipped = 0  # optimiser steps skipped for a non-finite loss or gradient in this run
+        self._consecutive_nonfinite = 0
+        self._pending: list[dict[str, Any]] = []  # the micro-batches of the coming optimiser step
+        self._step_usable = 0  # usable samples in those micro-batches (this rank)
+        self._epoch_batches = 0  # training batches of this epoch (this rank)
+        self._epoch_usable = 0  # usable training samples of this epoch, all ranks (summed at each optimiser step)
         self.objectives = nn.ModuleList(objectives or [])
         self.loss_weights: dict[str, float] = {}  # the subclass's own terms; objectives carry their weight
         self._parts: ModelParts | None = None
@@ -115,19 +157,106 @@ class VLModule(pl.LightningModule, ABC):
         return self.loss_weights.get(name, 1.0)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        if self.count_skipped(batch):
-            return None
+        """The weighted sum of the batch's losses; for a batch without a usable sample, None (no step), or under DDP
+        a zero loss on every trainable parameter so that this rank joins the other ranks' gradient all-reduce."""
+        self._epoch_batches += 1
+        if self.count_skipped(batch, "train"):
+            return None if world_size() == 1 else self._zero_loss()
         losses = self.training_losses(batch)
         first = next(iter(losses.values()))
         loss = sum((self.loss_weight(k) * v for k, v in losses.items()), torch.zeros((), device=first.device))
         size = batch_size(batch)
+        self._step_usable += size
+        values = torch.stack([loss.detach().float().sum(), *(v.detach().float().sum() for v in losses.values())])
+        ids = batch.get("ids") if isinstance(batch, dict) else None
+        self._pending.append({"names": ["loss", *losses], "values": values, "ids": ids, "batch_idx": batch_idx})
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=size)
         return loss
 
+    def _zero_loss(self) -> Tensor:
+        """0, with a gradient (of zeros) for every trainable parameter."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return sum((p.sum() * 0 for p in trainable), torch.zeros((), device=self.device))
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_batches = self._epoch_usable = 0
+
     def on_train_epoch_end(self) -> None:
         self.report_skipped("train")
+
+    # --- guards before each optimiser step ------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """After backward, before the update: stop or skip on a non-finite loss or gradient, take no step without a
+        usable sample, and stop when an epoch's first ``EMPTY_BATCHES_TO_STOP`` batches had none.
+
+        One all-reduce of three numbers under DDP, so every rank takes the same decision.
+        """
+        pending, self._pending = self._pending, []
+        usable, self._step_usable = self._step_usable, 0
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        flags = torch.tensor([0, 0, usable], dtype=torch.long, device=self.device)  # bad losses, bad grads, usable
+        for entry in pending:
+            flags[0] += (~torch.isfinite(entry["values"])).any().to(self.device)
+        if grads and not _loss_scaled(self):  # fp16's grad scaler skips steps with inf gradients itself
+            flags[1] += (~torch.isfinite(_max_abs(grads))).to(self.device)
+        if world_size() > 1:
+            torch.distributed.all_reduce(flags)
+        bad_loss_n, bad_grad_n, usable_all = flags.tolist()
+        self._epoch_usable += usable_all
+        if bad_loss_n or bad_grad_n:
+            self._nonfinite_step(pending, bool(bad_loss_n), params)
+        else:
+            self._consecutive_nonfinite = 0
+            if usable_all == 0:  # no sample on any rank: no update (AdamW would still apply momentum and decay)
+                _drop_grads(params)
+        if self.nonfinite == "skip":
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, on_epoch=False)
+        if self._epoch_usable == 0 and self._epoch_batches >= EMPTY_BATCHES_TO_STOP:
+            skipped = self._global([self.skip_counts["train"]])[0]
+            raise RunStopped(
+                f"train: the first {self._epoch_batches} batches of epoch {self.current_epoch} held no usable sample "
+                f"({skipped} skipped as unreadable: missing or corrupt files?)"
+            )
+
+    def _nonfinite_step(self, pending: list[dict[str, Any]], loss_bad: bool, params: list[nn.Parameter]) -> None:
+        """Stop, or drop this step's gradients, for a non-finite loss (``loss_bad``: on some rank) or else a
+        non-finite gradient. Every rank calls this alike."""
+        step = self.trainer.global_step
+        on_rank = rank() if world_size() > 1 else None
+        if loss_bad:  # the terms that were not finite, per micro-batch (and rank), with their samples
+            what = _describe_nonfinite(pending, on_rank)
+            head = ""
+        else:  # a finite loss with a non-finite gradient (the same on every rank): name the first such weight
+            names = {id(p): n for n, p in self.named_parameters()}
+            bad = (names.get(id(p), "?") for p in params if p.grad is not None and not p.grad.isfinite().all())
+            head = f"gradient of {next(bad, '?')} from a finite loss"
+            ids = [i for e in pending for i in (e["ids"] or [])]
+            what = [f"rank {on_rank}:{_ids_text(ids)}" if on_rank is not None else _ids_text(ids)] if ids else []
+        if world_size() > 1:
+            what = gather_objects(what)
+        if head and world_size() == 1:
+            detail = head + "".join(what)  # "gradient of X from a finite loss in samples [...]"
+        else:
+            detail = "; ".join([head, *what] if head else what)
+        where = f"training step {step} (epoch {self.current_epoch})"
+        if self.nonfinite == "stop":
+            raise RunStopped(
+                f"{where}: non-finite {detail}; stopped before the optimiser step (lower model.optim.lr, check these "
+                "samples, or set model.nonfinite: skip)"
+            )
+        _drop_grads(params)
+        self.nonfinite_skipped += 1
+        self._consecutive_nonfinite += 1
+        if rank() == 0:
+            log.warning("%s skipped: non-finite %s", where, detail)
+        if self._consecutive_nonfinite >= NONFINITE_SKIP_LIMIT:
+            raise RunStopped(
+                f"{where}: {self._consecutive_nonfinite} optimiser steps in a row had a non-finite loss or gradient "
+                f"(last: {detail}); nothing is being learnt (lower model.optim.lr)"
+            )
 
     def log_parameter_counts(self) -> None:
         for name, child in self.named_children():
@@ -164,6 +293,12 @@ class VLModule(pl.LightningModule, ABC):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:  # identical weights on every rank, so every rank stops here
+            raise RunStopped(
+                f"step {checkpoint.get('global_step', '?')}: {len(bad)} trainable weights are not finite (e.g. "
+                f"{', '.join(bad[:3])}); no checkpoint written (lower model.optim.lr)"
+            )
         checkpoint["rng_states"] = {  # so a resumed run draws the same dropout masks as an uninterrupted one
             "torch": torch.get_rng_state(),
             "python": random.getstate(),
@@ -202,26 +337,117 @@ class VLModule(pl.LightningModule, ABC):
         load_checked(self, read_checkpoint(path, option).get("state_dict", {}), option, path, required="any")
 
     # --- bad data accounting --------------------------------------------------------------------------------------
-    def count_skipped(self, batch: dict[str, Any]) -> bool:
-        """Add the batch's skipped samples to the epoch count; True when nothing usable is left in the batch."""
-        self._skipped += int(batch.get("num_skipped", 0))
-        return batch_size(batch) == 0
+    @property
+    def _skipped(self) -> int:
+        """Unreadable samples counted and not yet reported, all splits together (:attr:`skip_counts` per split)."""
+        return sum(self.skip_counts.values())
 
-    def report_skipped(self, stage: str) -> None:
-        total = self._skipped
-        if world_size() > 1:
-            t = torch.tensor(total, device=self.device)
-            torch.distributed.all_reduce(t)
-            total = int(t.item())
-        self._skipped = 0
-        if total:
-            log.warning("%s: %d unreadable samples skipped this epoch", stage, total)
-        self.log(f"{stage}/skipped", float(total))  # already summed over ranks
+    def count_skipped(self, batch: dict[str, Any], split: str | None = None) -> bool:
+        """Add the batch's skipped and usable samples to ``split``'s epoch counts (by default the split the trainer
+        is running); True when nothing usable is left in the batch."""
+        split = split or self._running_split()
+        size = batch_size(batch)
+        self.skip_counts[split] += int(batch.get("num_skipped", 0))
+        self.usable_counts[split] += size
+        return size == 0
+
+    def report_skipped(self, split: str) -> int:
+        """At ``split``'s epoch end: sum its counts over ranks, log ``<split>/skipped`` (not for predict, where
+        Lightning allows no logging), reset them and return the skipped count. Every rank must call this.
+
+        Stops the run (:class:`~vlgen.errors.RunStopped`) when the epoch had skipped samples and no usable one, and,
+        at a validation during training, when every training batch of the epoch so far was unusable (before a
+        checkpoint of that validation is written). The sanity check only reports.
+        """
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        sanity = self._trainer is not None and self.trainer.sanity_checking
+        check_train = split == "val" and fitting and not sanity
+        local = [self.skip_counts[split], self.usable_counts[split]]
+        if check_train:
+            local += [self.skip_counts["train"], self.usable_counts["train"]]
+        counts = self._global(local)
+        skipped, usable = counts[0], counts[1]
+        self.skip_counts[split] = self.usable_counts[split] = 0
+        if skipped and rank() == 0:
+            log.warning("%s: %d unreadable samples skipped this epoch", split, skipped)
+        if split != "predict":
+            self.log(f"{split}/skipped", float(skipped))  # already summed over ranks
+        if sanity:
+            return skipped
+        if skipped and not usable:
+            raise RunStopped(
+                f"{split}: every sample of the epoch was unreadable ({skipped} skipped, none usable): missing or "
+                "corrupt files? (see the warnings above)"
+            )
+        if check_train and counts[2] and not counts[3]:
+            raise RunStopped(
+                f"train: no usable sample in epoch {self.current_epoch} before this validation ({counts[2]} skipped "
+                "as unreadable): missing or corrupt files? (see the warnings above)"
+            )
+        return skipped
+
+    def _global(self, counts: list[int]) -> list[int]:
+        """``counts`` summed over ranks (a collective under DDP: every rank must call it)."""
+        if world_size() == 1:
+            return list(counts)
+        t = torch.tensor(counts, dtype=torch.long, device=self.device)
+        torch.distributed.all_reduce(t)
+        return [int(x) for x in t.tolist()]
+
+    def _running_split(self) -> str:
+        trainer = self._trainer
+        if trainer is None or trainer.training:
+            return "train"
+        if trainer.testing:
+            return "test"
+        if trainer.predicting:
+            return "predict"
+        return "val"  # validating or sanity checking
 
 
 def batch_size(batch: dict[str, Any]) -> int:
     """Samples in a vlgen batch (the length of its first per-sample field)."""
     return len(next(iter(v for k, v in batch.items() if k != "num_skipped")))
+
+
+def _loss_scaled(module: pl.LightningModule) -> bool:
+    """Whether fp16 loss scaling is on (its grad scaler skips steps with non-finite gradients by itself)."""
+    trainer = module._trainer
+    return trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
+def _max_abs(tensors: list[Tensor]) -> Tensor:
+    """The largest absolute value over ``tensors`` (NaN if any holds a NaN), without a copy of them."""
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # fused (foreach) from torch 2.6
+    if total_norm is not None:
+        return total_norm(tensors, float("inf"))
+    return torch.stack([torch.linalg.vector_norm(t, float("inf")).to(tensors[0].device) for t in tensors]).max()
+
+
+def _drop_grads(params: list[nn.Parameter]) -> None:
+    """No update for these parameters at this step: AdamW skips a parameter whose gradient is None."""
+    for p in params:
+        p.grad = None
+
+
+def _ids_text(ids: list[Any] | None) -> str:
+    """`` in samples [...]`` for a message (at most ``_MAX_IDS`` ids), or nothing without ids."""
+    if not ids:
+        return ""
+    more = f" and {len(ids) - _MAX_IDS} more" if len(ids) > _MAX_IDS else ""
+    return f" in samples {[str(i) for i in ids[:_MAX_IDS]]}{more}"
+
+
+def _describe_nonfinite(pending: list[dict[str, Any]], on_rank: int | None) -> list[str]:
+    """One phrase per micro-batch with a non-finite term: the terms with their values and the sample ids."""
+    out = []
+    for entry in pending:
+        values = entry["values"].tolist()
+        bad = [f"{n}={v}" for n, v in zip(entry["names"], values) if not math.isfinite(v)]
+        if bad:
+            where = f"rank {on_rank}: " if on_rank is not None else ""
+            out.append(f"{where}{' '.join(bad)} (batch {entry['batch_idx']}){_ids_text(entry['ids'])}")
+    return out
 
 
 def _numpy_state() -> tuple[str, torch.Tensor, int, int, float]:

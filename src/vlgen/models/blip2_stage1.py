@@ -63,6 +63,8 @@ class Blip2Stage1(VLModule):
         optim: optimiser and schedule.
         objectives: auxiliary objectives on the query outputs (e.g. :class:`~vlgen.objectives.PromptAlignment`,
             logged as ``align``); the first that names an LLM width sizes the projection to it.
+        nonfinite: what a non-finite training loss or gradient does: ``stop`` the run (one line naming the step, the
+            terms and the samples) or ``skip`` the step (:class:`~vlgen.models.VLModule`).
     """
 
     def __init__(
@@ -78,8 +80,9 @@ class Blip2Stage1(VLModule):
         text_pooling: Literal["cls", "mean"] = "cls",
         optim: Optim | None = None,
         objectives: list[Objective] | None = None,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
-        super().__init__(optim, objectives)
+        super().__init__(optim, objectives, nonfinite)
         if qformer.tokenizer is None:
             raise ConfigError("model.qformer.text_input must be true for BLIP-2 stage 1 (ITC, ITM and ITG read text)")
         if max_text_len > qformer.config.max_position_embeddings:
@@ -197,7 +200,7 @@ class Blip2Stage1(VLModule):
 
     # --- validation: retrieval recall -----------------------------------------------------------------------------
     def validation_step(self, batch: CaptionBatch, batch_idx: int) -> None:
-        if self.count_skipped(batch):
+        if self.count_skipped(batch, "val"):
             return
         image_feats = self.image_embeddings(batch["pixels"])  # [B, Q, E]
         texts = [refs or [cap] for refs, cap in zip(batch["references"], batch["captions"])]

@@ -9,8 +9,10 @@ target is ``prompt``, or, for a batch that carries per-sample text (``prompts``:
 generate text and score it with :class:`~vlgen.metrics.CaptionMetrics`, or, when the data module has a ``task``
 (:class:`~vlgen.data.VQATask`), with that task's metric and decoding settings; a VQA batch's weighted ``targets``
 (each distinct answer with its share of the annotators) are trained on together. Test also writes ``metrics.json``
-and ``predictions.jsonl`` into the run's log directory (and a task's official submission file); predict writes
-``{"id", "caption"}`` lines.
+and ``predictions.jsonl`` into the run's log directory (and a task's official submission file); ``metrics.json``
+also holds ``skipped``, the test samples that could not be read. Predict writes ``{"id", "caption"}`` lines and
+``predict_summary.json`` (``{"predictions": n, "skipped": k}``) beside them. A test or predict set whose samples were
+all unreadable stops with one line (:class:`~vlgen.errors.RunStopped`) and writes neither file.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -64,6 +66,8 @@ class Captioner(VLModule):
             (:class:`~vlgen.interfaces.ReadsText`: the Q-Former with ``text_input: true``).
         blank_images: replace every picture by a blank one (zeros), so nothing of the image reaches the LLM: the
             question-only (text-only) baseline, with the same LLM, prompts and trainable bridge.
+        nonfinite: what a non-finite training loss or gradient does: ``stop`` the run (one line naming the step, the
+            terms and the samples) or ``skip`` the step (:class:`~vlgen.models.VLModule`).
     """
 
     def __init__(
@@ -79,8 +83,9 @@ class Captioner(VLModule):
         init_from: str | None = None,
         bridge_reads_prompts: bool = False,
         blank_images: bool = False,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
-        super().__init__(optim, objectives)
+        super().__init__(optim, objectives, nonfinite)
         if prompt_template.count("{}") != 1:
             raise ConfigError(f"model.prompt_template must hold exactly one {{}}, got {prompt_template!r}")
         if bridge_reads_prompts and not isinstance(bridge, ReadsText):
@@ -166,8 +171,8 @@ class Captioner(VLModule):
         return self.llm.loss(out.prompts[rows], mask, [prefixes[i] for i in rows.tolist()], flat, weights)
 
     # --- evaluation -----------------------------------------------------------------------------------------------
-    def _evaluate(self, batch: CaptionBatch, metrics: Any) -> list[str]:
-        if self.count_skipped(batch):
+    def _evaluate(self, batch: CaptionBatch, metrics: Any, split: str) -> list[str]:
+        if self.count_skipped(batch, split):
             return []
         task = self.task
         preds = self.caption(batch["pixels"], batch.get("prompts"), task.decoding if task is not None else None)
@@ -176,7 +181,7 @@ class Captioner(VLModule):
         return preds
 
     def validation_step(self, batch: CaptionBatch, batch_idx: int) -> None:
-        preds = self._evaluate(batch, self.val_metrics)
+        preds = self._evaluate(batch, self.val_metrics, "val")
         if batch_idx == 0 and preds:
             k = self.num_logged_samples
             self.logged_samples = [
@@ -189,7 +194,7 @@ class Captioner(VLModule):
         self.report_skipped("val")
 
     def test_step(self, batch: CaptionBatch, batch_idx: int) -> None:
-        preds = self._evaluate(batch, self.test_metrics)
+        preds = self._evaluate(batch, self.test_metrics, "test")
         prompts = batch.get("prompts")
         for k, (i, caption, refs) in enumerate(zip(batch["ids"], preds, batch["references"], strict=True)):
             row = {"id": i, "caption": caption, "references": refs}
@@ -197,13 +202,13 @@ class Captioner(VLModule):
 
     def on_test_epoch_end(self) -> None:
         scores = self._log_metrics("test", self.test_metrics)
-        self.report_skipped("test")
+        skipped = self.report_skipped("test")  # stops (every rank) when no test sample was readable
         rows = _unique_by_id(gather_objects(self._outputs))
         self._outputs = []
         out_dir = self._run_dir()  # every rank asks: trainer.log_dir is a collective call under DDP
         task = self.task
         if self.trainer.is_global_zero:
-            (out_dir / "metrics.json").write_text(json.dumps(scores, indent=2) + "\n")
+            (out_dir / "metrics.json").write_text(json.dumps({**scores, "skipped": skipped}, indent=2) + "\n")
             _write_jsonl(out_dir / "predictions.jsonl", rows)
             rank_zero_info(f"test metrics: {out_dir / 'metrics.json'}  predictions: {out_dir / 'predictions.jsonl'}")
             if task is not None:
@@ -214,7 +219,7 @@ class Captioner(VLModule):
                 rank_zero_info("test: no references in this split (e.g. VQA test-dev): predictions only, no scores")
 
     def predict_step(self, batch: CaptionBatch, batch_idx: int) -> list[dict[str, str]]:
-        if self.count_skipped(batch):
+        if self.count_skipped(batch, "predict"):
             return []
         task = self.task
         captions = self.caption(batch["pixels"], batch.get("prompts"), task.decoding if task is not None else None)
@@ -223,12 +228,18 @@ class Captioner(VLModule):
         return rows
 
     def on_predict_epoch_end(self) -> None:
+        skipped = self.report_skipped("predict")  # stops (every rank) when no sample was readable
         rows = _unique_by_id(gather_objects(self._outputs))
         self._outputs = []
         out_dir = self._run_dir()
         if self.trainer.is_global_zero:
             _write_jsonl(out_dir / "predictions.jsonl", rows)
-            rank_zero_info(f"predictions: {out_dir / 'predictions.jsonl'} ({len(rows)} captions)")
+            summary = {"predictions": len(rows), "skipped": skipped}
+            (out_dir / "predict_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            rank_zero_info(
+                f"predictions: {out_dir / 'predictions.jsonl'} ({len(rows)} captions, {skipped} unreadable samples "
+                "skipped)"
+            )
 
     def _run_dir(self) -> Path:
         out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)

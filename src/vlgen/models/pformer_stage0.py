@@ -16,7 +16,7 @@ prompts alone reproduces, compared lower-cased with punctuation split off and wh
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,8 @@ class PFormerStage0(VLModule):
         label_smoothing: label smoothing of the contrastive cross-entropy.
         num_logged_samples: reconstructions of the first validation batch printed after each validation.
         optim: optimiser and schedule.
+        nonfinite: what a non-finite training loss or gradient does: ``stop`` the run (one line naming the step and
+            the terms) or ``skip`` the step (:class:`~vlgen.models.VLModule`).
     """
 
     def __init__(
@@ -100,8 +102,9 @@ class PFormerStage0(VLModule):
         label_smoothing: float = 0.1,
         num_logged_samples: int = 4,
         optim: Optim | None = None,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
-        super().__init__(optim)
+        super().__init__(optim, nonfinite=nonfinite)
         if pformer.frozen:
             raise ConfigError("model.pformer.frozen must be false in stage 0: the P-Former is what trains")
         if not 0.0 <= mask_prob < 1.0:
@@ -164,7 +167,7 @@ class PFormerStage0(VLModule):
 
     # --- validation -----------------------------------------------------------------------------------------------
     def validation_step(self, batch: TextBatch, batch_idx: int) -> None:
-        if self.count_skipped(batch):  # type: ignore[arg-type]
+        if self.count_skipped(batch, "val"):  # type: ignore[arg-type]
             return
         texts, size = batch["text"], len(batch["text"])
         losses = self.compute_losses(texts, torch.Generator().manual_seed(batch_idx))  # the same masks every time

@@ -1,0 +1,158 @@
+"""``kill -9`` mid-epoch, then ``vlgen fit --ckpt_path`` the last checkpoint: the final trainable weights are bitwise
+those of an uninterrupted run, for the JSON + folder image module, the video module and the text corpus module
+(:mod:`vlgen.data.resume`: the epoch's order fixed by seed and epoch, the position in every checkpoint, each sample's
+augmentation seeded by its position)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from cli_helpers import REPO, vlgen
+
+TINY = REPO / "configs" / "tiny" / "linear.yaml"
+VIDEO = REPO / "configs" / "tiny" / "video_evlgen.yaml"
+STAGE0 = REPO / "configs" / "tiny" / "pformer_stage0.yaml"
+SMALL = {"seed": 0, "num_train": 24, "num_val": 8, "num_test": 8, "num_text": 400}  # 120 training pairs
+SHAPES = {"class_path": "vlgen.data.synthetic.ShapesWorld", "init_args": SMALL}
+MOVING = {
+    "class_path": "vlgen.data.synthetic.MovingShapesWorld",
+    "init_args": {**SMALL, "num_train": 12, "image_size": 32, "num_frames": 8, "questions_per_video": 0},
+}
+
+
+def encoder(work: Path) -> dict:
+    """Encoder ``init_args`` overrides: the tiny encoder, pre-trained in a few steps (its quality does not matter)."""
+    recipe = {"world": SHAPES, "num_images": 32, "steps": 5, "num_held_out": 0}
+    return {"checkpoint_path": str(work / "encoder.pth"),
+            "build_if_missing": {"class_path": "vlgen.data.synthetic.tiny_encoder.ShapesTinyEncoder",
+                                 "init_args": recipe}}  # fmt: skip
+
+
+def lm(work: Path, world: dict, root: str) -> dict:
+    """LLM ``init_args`` overrides: the tiny world LM of ``world`` (written to ``work/root``), 20 steps."""
+    recipe = {"world": world, "world_root": str(work / root), "steps": 20}
+    build = {"class_path": "vlgen.data.synthetic.tiny_lm.ShapesTinyLM", "init_args": recipe}
+    return {"name_or_path": str(work / "lm"), "build_if_missing": build}
+
+
+def checkpoints(every: int, dirpath: Path | None = None) -> list[dict]:
+    """A checkpoint every ``every`` steps, each kept (``step=N.ckpt``), in ``dirpath`` (default: the logger's)."""
+    init = {"save_last": True, "save_top_k": -1, "every_n_train_steps": every, "filename": "{step}"}
+    if dirpath is not None:
+        init["dirpath"] = str(dirpath)
+    return [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": init}]
+
+
+def trainable(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def kill_resume_and_compare(work: Path, args: list[str], steps: int, every: int, kill_after: int) -> None:
+    """An uninterrupted run of ``steps``; a run killed (``kill -9``) a little after its checkpoint at ``kill_after``,
+    resumed from that checkpoint to ``steps``; the two final checkpoints' trainable weights compared bitwise. Each
+    run checkpoints every ``every`` steps into ``work/<run>``."""
+    start = time.perf_counter()
+    run_args = {}
+    for run in ("straight", "killed", "resumed"):
+        (work / f"{run}.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": checkpoints(every, work / run)}}))
+        run_args[run] = [*args, "--config", str(work / f"{run}.yaml")]
+    vlgen("fit", *run_args["straight"], cwd=work)
+
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "vlgen.cli", "fit", *run_args["killed"], "--trainer.max_steps", str(steps * 4)]
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = work / "killed" / f"step={kill_after}.ckpt"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not target.is_file():
+            time.sleep(0.2)
+        time.sleep(1.5)  # written in full, and a step or more past it: mid-epoch
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished (it was asked for 4x the steps)
+    assert torch.load(target, map_location="cpu", weights_only=True)["global_step"] == kill_after
+
+    resumed = vlgen("fit", *run_args["resumed"], "--ckpt_path", str(target), cwd=work)
+    assert "not resumable" not in resumed.stderr
+    assert "resuming" in resumed.stderr  # the data module's line: where the stream continues
+    final = f"step={steps}.ckpt"
+    a, b = trainable(work / "straight" / final), trainable(work / "resumed" / final)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bitwise
+    early = trainable(work / "straight" / f"step={kill_after}.ckpt")
+    assert any(not torch.equal(a[k], early[k]) for k in a)  # it trained after the resume point
+    print(f"kill -9 and resume: {time.perf_counter() - start:.0f} s")
+
+
+def trainer(steps: int, every: int, **kw) -> dict:
+    return {"max_steps": steps, "limit_val_batches": 1, "log_every_n_steps": every, "num_sanity_val_steps": 0,
+            "callbacks": checkpoints(every, Path("setup")), "enable_progress_bar": False, **kw}  # fmt: skip
+
+
+def prepare(work: Path, override: dict, *configs: Path) -> list[str]:
+    """Write ``override``, build the world, encoder and LM once (a one-step fit); the arguments of the runs."""
+    (work / "override.yaml").write_text(yaml.safe_dump(override))
+    args = [a for c in (*configs, work / "override.yaml") for a in ("--config", str(c))]
+    vlgen("fit", *args, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", cwd=work)
+    return args
+
+
+@pytest.mark.slow
+def test_image_folder_module_resumes_bitwise_after_kill_9(tmp_path):
+    """120 pairs in batches of 8, one dataloader worker: 15 steps an epoch; killed after its checkpoint at step 8,
+    resumed there, compared at step 24 (the rest of epoch 0, then epoch 1, whose order and augmentations count too)."""
+    steps = 24
+    override = {
+        "trainer": trainer(steps, 4),
+        "model": {"init_args": {"encoder": {"init_args": encoder(tmp_path)},
+                                "llm": {"init_args": lm(tmp_path, SHAPES, "shapes")},
+                                "optim": {"warmup_steps": 5, "max_steps": steps}}},
+        "data": {"init_args": {"root": str(tmp_path / "shapes"), "generate": SHAPES, "batch_size": 8,
+                               "eval_batch_size": 8, "num_workers": 1}},
+    }  # fmt: skip
+    kill_resume_and_compare(tmp_path, prepare(tmp_path, override, TINY), steps, 4, kill_after=8)
+
+
+@pytest.mark.slow
+def test_video_module_resumes_bitwise_after_kill_9(tmp_path, tiny_bert_dir):
+    """60 clip-caption pairs (random head/tail frames) in batches of 8, one worker: 8 steps an epoch; killed after
+    step 5, resumed there, compared at step 10 (epoch 1 included)."""
+    steps = 10
+    image = {"init_args": encoder(tmp_path)}
+    override = {
+        "trainer": trainer(steps, 5),
+        "model": {"init_args": {"encoder": {"init_args": {"image": image}},
+                                "bridge": {"init_args": {"bert": str(tiny_bert_dir)}},
+                                "llm": {"init_args": lm(tmp_path, MOVING, "video")},
+                                "optim": {"warmup_steps": 3, "max_steps": steps}}},
+        "data": {"init_args": {"root": str(tmp_path / "video"), "generate": MOVING, "batch_size": 8,
+                               "eval_batch_size": 8, "num_workers": 1}},
+    }  # fmt: skip
+    kill_resume_and_compare(tmp_path, prepare(tmp_path, override, VIDEO), steps, 5, kill_after=5)
+
+
+@pytest.mark.slow
+def test_text_corpus_module_resumes_bitwise_after_kill_9(tmp_path, tiny_bert_dir):
+    """P-Former stage 0 on the world's corpus (400 sentences, batches of 32: the stream cycles at step 12), one
+    dataloader worker: killed after its checkpoint at step 8, resumed there, compared at step 16."""
+    steps = 16
+    override = {
+        "trainer": trainer(steps, 4, val_check_interval=8),
+        "model": {"init_args": {"pformer": {"init_args": {"bert": str(tiny_bert_dir)}},
+                                "llm": {"init_args": lm(tmp_path, SHAPES, "shapes")},
+                                "optim": {"warmup_steps": 5, "max_steps": steps}}},
+        "data": {"init_args": {"train_files": [str(tmp_path / "shapes" / "corpus.txt")],
+                               "val_files": [str(tmp_path / "shapes" / "val.json")], "generate": SHAPES,
+                               "batch_size": 32, "num_workers": 1, "shuffle_buffer": 100}},
+    }  # fmt: skip
+    kill_resume_and_compare(tmp_path, prepare(tmp_path, override, STAGE0), steps, 4, kill_after=8)
