@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from pathlib import Path
 from typing import ClassVar
 
 import lightning.pytorch as pl
@@ -40,6 +42,37 @@ def test_caption_table_logs_to_offline_wandb(tmp_path, monkeypatch):
     assert tables[0][2][0][2] == "a red circle" and tables[0][2][0][3] == "a red circle | red"
     logger.experiment.finish()
     assert any(p.name.startswith("offline-run") for p in (tmp_path / "wandb").iterdir())
+
+
+def test_an_offline_run_directory_holds_its_table_images(tmp_path, monkeypatch):
+    """The real package, nothing mocked: after an offline run the PNGs of the caption table lie inside the run
+    directory, and every local file the run's record names lies there too (what ``wandb sync`` uploads)."""
+    from lightning.pytorch.loggers import WandbLogger
+    from PIL import Image
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
+    logger = WandbLogger(project="vlgen-test", save_dir=str(tmp_path), offline=True)
+
+    class Module(pl.LightningModule):
+        logged_samples: ClassVar[list[dict]] = [
+            {"pixels": torch.randn(3, 8, 8), "caption": f"caption {i}", "references": ["r"], "id": str(i)}
+            for i in range(2)
+        ]
+
+    trainer = pl.Trainer(logger=logger, enable_checkpointing=False, enable_progress_bar=False)
+    CaptionTable().on_validation_epoch_end(trainer, Module())
+    run_dir = Path(logger.experiment.dir).parent
+    logger.experiment.finish()
+    assert "WANDB_DATA_DIR" not in os.environ  # set for the call only
+    pngs = []
+    for f in run_dir.rglob("*"):
+        if f.is_file() and f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n":
+            pngs.append(f)
+    assert len(pngs) == 2 and all(Image.open(f).size == (8, 8) for f in pngs)
+    record = next(run_dir.glob("run-*.wandb")).read_bytes()
+    named = {m.decode() for m in re.findall(rb"/[\w./+-]*?/staging/tmp[a-z0-9_]{8}", record)}  # mkstemp names
+    assert named and all(Path(p).is_relative_to(run_dir) and Path(p).is_file() for p in named)
 
 
 def test_image_for_tables_spans_the_byte_range():

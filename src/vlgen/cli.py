@@ -99,6 +99,7 @@ class VLGenCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:
+            restore_nulls(self.config[subcommand], sys.argv[1:] if args is None else args)
             check_ckpt_path(self.config[subcommand].get("ckpt_path"))
 
     def before_instantiate_classes(self) -> None:
@@ -167,6 +168,36 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def restore_nulls(config: Namespace, argv: Any) -> None:
+    """Give back ``None`` to the keys set to ``null`` on the command line.
+
+    jsonargparse reads ``--model.init_args.bridge.init_args.init_from null`` (a subclass inside a subclass) as the
+    string ``"None"``; a key the command line set to ``null`` and that arrived as ``"None"`` is put back to ``None``.
+    """
+    if not isinstance(argv, list | tuple):
+        return
+    for i, arg in enumerate(argv):
+        if not isinstance(arg, str) or not arg.startswith("--"):
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) and isinstance(argv[i + 1], str) else ""
+        if value.strip() != "null":
+            continue
+        parent, last = config, key.split(".")
+        for part in last[:-1]:
+            if not isinstance(parent, Namespace):
+                break
+            if part not in parent and isinstance(parent.get("init_args"), Namespace):
+                parent = parent.init_args  # the shorthand --model.bridge.x for --model.init_args.bridge.init_args.x
+            parent = parent.get(part)
+        if isinstance(parent, Namespace):
+            if last[-1] not in parent and isinstance(parent.get("init_args"), Namespace):
+                parent = parent.init_args
+            if parent.get(last[-1]) == "None":
+                parent[last[-1]] = None
 
 
 def check_ckpt_path(ckpt_path: str | None) -> None:
@@ -406,7 +437,10 @@ def main(argv: list[str] | None = None) -> None:
         cause = _config_cause(err)
         if cause is None:
             raise
-        print(f"vlgen: error: {cause}", file=sys.stderr)
+        if isinstance(cause, ModuleNotFoundError):
+            print(f"vlgen: error: a package is missing: {_first_line(str(cause))}", file=sys.stderr)
+        else:
+            print(f"vlgen: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -426,6 +460,8 @@ def _config_cause(err: BaseException | None) -> BaseException | None:
     while err is not None and id(err) not in seen:
         if isinstance(err, (ConfigError, RunStopped, FileNotFoundError)):
             return err
+        if isinstance(err, ModuleNotFoundError) and not (err.name or "").startswith("vlgen"):
+            return err  # a component the config names needs a package that is not installed (TensorBoard...)
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

@@ -82,6 +82,20 @@ def test_bad_settings_are_named(tiny_bert_dir):
         TokenMergingConnector(bert="./no/such/bert")
     with pytest.raises(ConfigError, match=r"MergeRamp\.steps"):
         MergeRamp(-1)
+    with pytest.raises(ConfigError, match=r"bridge\.r: per-layer r has 4 entries but num_layers is 3"):
+        make(r=[4, 4, 4, 4])
+
+
+def test_a_schedule_string_arrives_from_yaml_and_the_command_line():
+    """jsonargparse reads ``r`` as the connector's annotation says: ``"4:-1"`` stays the schedule string, a list the
+    per-layer values, a plain number an int."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(TokenMergingConnector, "bridge")
+    for given, read in (("4:-1", "4:-1"), ("[4, 2, 1]", [4, 2, 1]), ("19", 19)):
+        assert parser.parse_args(["--bridge.r", given]).bridge.r == read
+    assert make(r="4:-1").r == "4:-1"
 
 
 def test_unweighted_merging_differs_only_once_sizes_differ():

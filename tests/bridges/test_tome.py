@@ -257,6 +257,20 @@ def test_merge_schedule_forms():
         merge_schedule((8, -1.5), 4, 197)
 
 
+def test_merge_schedule_refuses_what_it_would_misread():
+    """A two-entry list with a negative entry is a per-layer list (YAML has no tuples), never capped to 0 silently;
+    the error points to the string form of a schedule."""
+    with pytest.raises(ValueError, match=r"ints >= 0, got \[4, -1\].*'r:inflect'"):
+        merge_schedule([4, -1], 2, 50)
+    with pytest.raises(ValueError, match=r"3 entries but num_layers is 2"):
+        merge_schedule([4, 2, 1], 2, 50)
+    with pytest.raises(ValueError, match="int >= 0"):
+        merge_schedule(-3, 2, 50)
+    with pytest.raises(ValueError, match="neither an int nor 'r:inflect'"):
+        merge_schedule("four", 2, 50)
+    assert merge_schedule("4:-1", 2, 50) == [8, 0]
+
+
 def test_decreasing_schedule():
     sched = merge_schedule((8, -1.0), 12, 197)
     assert sched == merge_schedule("8:-1", 12, 197)

@@ -13,7 +13,7 @@ import torch
 import yaml
 from cli_helpers import REPO, tiny_encoder, tiny_lm, vlgen
 
-from vlgen.cli import AtomicCheckpointIO, check_config_files
+from vlgen.cli import AtomicCheckpointIO, check_config_files, restore_nulls
 from vlgen.errors import ConfigError
 from vlgen.loading import read_checkpoint
 
@@ -106,6 +106,44 @@ def test_config_files_checked_in_every_spelling(tmp_path):
 
 
 # --- atomic checkpoint writes ---------------------------------------------------------------------------------------
+class AnyBridge:
+    pass
+
+
+class Bridge(AnyBridge):
+    def __init__(self, init_from: str | None = "stage1.ckpt", name: str = "qformer") -> None:
+        pass
+
+
+class Model:
+    def __init__(self, bridge: AnyBridge, path: str | None = "p") -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--model.init_args.bridge.init_args.init_from", "null"],
+        ["--model.init_args.bridge.init_args.init_from=null"],
+        ["--model.bridge.init_from", "null"],  # jsonargparse's shorthand
+    ],
+)
+def test_a_nested_null_on_the_command_line_arrives_as_none(given):
+    """A subclass inside a subclass: jsonargparse hands over ``"None"`` for ``null``; the CLI gives ``None`` back, to
+    that key only (a literal string elsewhere stays as it is)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(Model, "model")
+    argv = ["--model", f"{__name__}.Model", "--model.init_args.bridge", f"{__name__}.Bridge", *given]
+    argv += ["--model.init_args.bridge.init_args.name", "None"]
+    config = parser.parse_args(argv)
+    bridge = config.model.init_args.bridge.init_args
+    assert bridge.init_from == "None"  # what jsonargparse does; if this fails, restore_nulls may be dropped
+    restore_nulls(config, argv)
+    assert bridge.init_from is None and bridge.name == "None"
+
+
 def test_checkpoint_write_killed_midway_keeps_the_old_file(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     target = tmp_path / "run" / "last.ckpt"
@@ -260,3 +298,24 @@ def test_cli_installs_the_atomic_checkpoint_io(workdir, fitted, monkeypatch):
         auto_configure_optimizers=False, run=False, args=args(workdir),
     )  # fmt: skip
     assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+
+
+def test_a_logger_whose_package_is_missing_stops_with_one_line(tmp_path, capsys, monkeypatch):
+    """TensorBoard named in the config but not installed: one line, exit 2 (Lightning's boring model stands in for a
+    vlgen model; the logger is built with the trainer)."""
+    import importlib.util
+
+    from vlgen.cli import main
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("TensorBoard is installed here")
+    monkeypatch.chdir(tmp_path)
+    boring = "lightning.pytorch.demos.boring_classes"
+    argv = ["fit", "--model", f"{boring}.BoringModel", "--data", f"{boring}.BoringDataModule",
+            "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+            "--trainer.logger.save_dir", str(tmp_path), "--trainer.max_steps", "1"]  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("vlgen: error: a package is missing:") and "tensorboard" in err

@@ -279,6 +279,11 @@ def test_export_refuses_what_blip2_cannot_hold(tiny_bert_dir, opt_dir, tmp_path)
     model = timm_captioner(tiny_bert_dir, opt_dir, final_norm=True, vision_norm=True)
     with pytest.raises(ConfigError, match="exactly one LayerNorm"):
         export_hf_blip2(model, tmp_path / "two-norms")
+    from vlgen.encoders import TimmEncoder
+
+    model.encoder = TimmEncoder("test_resnet")  # a CNN: no blocks, no class token
+    with pytest.raises(ConfigError, match="ResNet is not a plain square ViT"):
+        export_hf_blip2(model, tmp_path / "cnn")
     model.encoder = torch.nn.Identity()
     with pytest.raises(ConfigError, match="HFBlip2Vision"):
         export_hf_blip2(model, tmp_path / "unknown")

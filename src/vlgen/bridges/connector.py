@@ -28,7 +28,7 @@ from vlgen.loading import dtype_kwarg, resolve_name_or_path
 
 log = logging.getLogger(__name__)
 
-MergeR = int | list[int] | tuple[int, float]
+MergeR = int | str | list[int] | tuple[int, float]  # in YAML / on the command line: 19, "8:-1" or [r0, r1, ...]
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,10 @@ class TokenMergingConnector(Bridge):
             position embeddings start the connector (the paper: bert-base-uncased); ``None`` for fresh weights of
             the shape below.
         num_layers: connector layers.
-        r: tokens merged per layer: an int, a per-layer list, or ``(r, inflect)`` for a schedule around ``r``
-            (:func:`vlgen.bridges.tome.merge_schedule`); capped so no layer merges more than half its tokens.
+        r: tokens merged per layer: an int, a per-layer list (one entry per layer, each >= 0), or a schedule around
+            ``r``: the string ``"r:inflect"`` (``"8:-1"``, the form YAML and the command line take) or the tuple
+            ``(r, inflect)`` (:func:`vlgen.bridges.tome.merge_schedule`); capped so no layer merges more than half
+            its tokens.
         hidden_size / num_heads / intermediate_size: the layers' shape when ``bert`` is ``None``.
         dropout: hidden and attention dropout (BERT's own values when loading one, else 0.1).
         proportional_attention: add ``log size`` of each key token to the attention logits.
@@ -124,7 +126,10 @@ class TokenMergingConnector(Bridge):
         if dropout is not None:
             c.hidden_dropout_prob = c.attention_probs_dropout_prob = dropout
         self.config, self.r = c, r
-        merge_schedule(r, num_layers, 10**6, protect_first)  # a wrong r stops here, not at the first batch
+        try:  # a wrong r stops here, with one line, not at the first batch
+            merge_schedule(r, num_layers, 10**6, protect_first)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"bridge.r: {err}") from None
         self.merging = MergeOptions(protect_first, size_weighted, proportional_attention)
         self.protect_first, self.vision_norm = protect_first, vision_norm
         self.merge_fraction = 1.0  # the share of each layer's r applied; vlgen.callbacks.MergeRamp raises it to 1

@@ -227,7 +227,12 @@ def merge_schedule(r: RSchedule, num_layers: int, num_tokens: int, protect_first
         raise ValueError(f"num_layers and num_tokens must be >= 0, got {num_layers} and {num_tokens}")
     if isinstance(r, str):
         base, _, inflect = r.partition(":")
-        r = (int(base), float(inflect)) if inflect else int(base)
+        try:
+            r = (int(base), float(inflect)) if inflect else int(base)
+        except ValueError:
+            raise ValueError(f"r {r!r} is neither an int nor 'r:inflect' (e.g. '8:-1')") from None
+    if isinstance(r, bool) or (isinstance(r, int) and r < 0):
+        raise ValueError(f"r must be an int >= 0, got {r!r}")
     if isinstance(r, int):
         raw = [r] * num_layers
     elif isinstance(r, tuple):
@@ -242,8 +247,11 @@ def merge_schedule(r: RSchedule, num_layers: int, num_tokens: int, protect_first
             raw = [math.floor(first + step * i + 0.5) for i in range(num_layers)]
     else:
         raw = list(r)
+        hint = " (a schedule around r is the string 'r:inflect', e.g. '4:-1')" if len(raw) == 2 else ""
         if len(raw) != num_layers:
-            raise ValueError(f"per-layer r has {len(raw)} entries but num_layers is {num_layers}")
+            raise ValueError(f"per-layer r has {len(raw)} entries but num_layers is {num_layers}{hint}")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in raw):
+            raise ValueError(f"per-layer r must be ints >= 0, got {raw}{hint}")
     return _capped(raw, num_tokens, protect_first)
 
 

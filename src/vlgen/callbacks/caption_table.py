@@ -1,11 +1,16 @@
 """A W&B table of validation images with their generated and reference captions, once per validation run.
 
 It reads ``logged_samples`` (:class:`~vlgen.interfaces.LogsSamples`) that the captioning module keeps from its first
-validation batch and does nothing when no ``WandbLogger`` is attached, so it can stay in every config.
+validation batch and does nothing when no ``WandbLogger`` is attached, so it can stay in every config. The images of
+a table are kept inside the W&B run directory (:func:`staged_in_run`), so an offline run synced later carries them.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -47,4 +52,25 @@ class CaptionTable(pl.Callback):
             for s in samples
         ]
         for logger in loggers:
-            logger.log_table(key=self.key, columns=["id", "image", "generated", "references"], data=rows)
+            with staged_in_run(logger):
+                logger.log_table(key=self.key, columns=["id", "image", "generated", "references"], data=rows)
+
+
+@contextmanager
+def staged_in_run(logger: WandbLogger) -> Iterator[None]:
+    """Stage a table's media inside the W&B run's own directory while it is logged.
+
+    W&B logs a table as an artifact whose files (the PNGs) it copies to a staging folder, by default under the
+    user's home (``~/.local/share/wandb``), and the run's record points there: an offline run synced from another
+    machine, or after that folder is cleaned, would lose its images. Unless the user set ``WANDB_DATA_DIR``, it
+    points to the run directory (``.../wandb/offline-run-*/``) for the call, so the run directory holds them.
+    """
+    if os.environ.get("WANDB_DATA_DIR"):
+        yield
+        return
+    run_dir = Path(logger.experiment.dir).parent  # experiment.dir is <run dir>/files
+    os.environ["WANDB_DATA_DIR"] = str(run_dir)
+    try:
+        yield
+    finally:
+        os.environ.pop("WANDB_DATA_DIR", None)

@@ -203,12 +203,12 @@ def _timm_vit_part(encoder: TimmEncoder) -> tuple[dict, dict[str, Tensor], tuple
     plain = isinstance(vit, timm.models.vision_transformer.VisionTransformer) and vit.cls_token is not None
     plain = plain and not getattr(vit, "no_embed_class", False) and getattr(vit, "num_reg_tokens", 0) == 0
     plain = plain and isinstance(vit.norm_pre, nn.Identity) and isinstance(vit.patch_embed.norm, nn.Identity)
-    for block in vit.blocks:
+    for block in vit.blocks if plain else ():  # not a ViT (a CNN...): nothing more to look at
         identities = [block.ls1, block.ls2, block.attn.q_norm, block.attn.k_norm, getattr(block.attn, "norm", None)]
         plain = plain and all(m is None or isinstance(m, nn.Identity) for m in identities)
         plain = plain and isinstance(getattr(block.mlp, "act", None), nn.GELU) and block.mlp.act.approximate == "none"
         plain = plain and isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity)
-    size = vit.patch_embed.img_size
+    size = vit.patch_embed.img_size if plain else (0, 1)
     if not plain or size[0] != size[1] or len(vit.blocks) == 0:
         raise ConfigError(
             f"export to BLIP-2: timm model {type(vit).__name__} is not a plain square ViT with a class token "
