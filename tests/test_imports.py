@@ -19,12 +19,13 @@ FORBIDDEN = {
     "vlgen.dist": ("vlgen.", "lightning"),
     "vlgen.errors": ("vlgen.", "lightning"),
     "vlgen.loading": ("vlgen.encoders", "vlgen.bridges", "vlgen.llms", "vlgen.models", "vlgen.data", "lightning"),
+    "vlgen.lora": ("vlgen.encoders", "vlgen.bridges", "vlgen.llms", "vlgen.models", "vlgen.data", "lightning"),
     "vlgen.encoders": ("vlgen.bridges", "vlgen.llms", "vlgen.objectives", "vlgen.models", "vlgen.data", "lightning"),
     "vlgen.bridges": ("vlgen.encoders", "vlgen.llms", "vlgen.objectives", "vlgen.models", "vlgen.data", "lightning"),
     "vlgen.llms": ("vlgen.encoders", "vlgen.bridges", "vlgen.objectives", "vlgen.models", "vlgen.data", "lightning"),
     "vlgen.objectives": ("vlgen.models", "vlgen.data", "vlgen.callbacks", "vlgen.cli", "lightning"),
 }
-ALLOWED = {"vlgen.errors", "vlgen.interfaces", "vlgen.dist", "vlgen.loading"}  # below every layer
+ALLOWED = {"vlgen.errors", "vlgen.interfaces", "vlgen.dist", "vlgen.loading", "vlgen.lora"}  # below every layer
 
 
 def module_name(path: Path) -> str:

@@ -13,8 +13,10 @@ Models and data modules are chosen in YAML with ``class_path`` / ``init_args``; 
   OUT.ckpt``.
 * ``vlgen convert to-hf-blip2 CKPT OUT_DIR --config CONFIG.yaml``: rebuild the model of ``CONFIG.yaml``, load
   ``CKPT`` and write a ``Blip2ForConditionalGeneration`` directory with its processor.
-* ``vlgen report RUN_DIR [--world ROOT]``: what a test run scored, a few captions, and on a synthetic world the
-  share of captions that state the world's ground-truth facts (:mod:`vlgen.report`).
+* ``vlgen report RUN_DIR [--world ROOT] [--curves [OUT.png]]``: what a test run scored, a few captions, and on a
+  synthetic world the share of captions that state the world's ground-truth facts; for a fit run, a summary of its
+  training; with ``--curves``, its loss, grounding and validation curves drawn from the CSV logs
+  (:mod:`vlgen.report`, :mod:`vlgen.curves`).
 
 A configuration mistake (an unknown key, a path that does not exist) stops the run with one line naming it, before
 anything is built: a ``--config`` file (or another argument naming a ``.yaml`` file) with a YAML syntax error is named
@@ -30,7 +32,7 @@ Runs never overwrite one another:
   with its own ``dirpath`` keeps it.
 * A run whose log directory is fixed before it starts (a logger with a fixed ``version``; ``default_root_dir``
   without a logger; a first logger other than CSV / TensorBoard logs into its ``save_dir``) is refused, with one
-  line, when that directory already holds ``metrics.json``, ``predictions.jsonl`` or (with a logger)
+  line, when that directory already holds ``metrics.json``, ``predictions.jsonl``, ``gallery.html`` or (with a logger)
   ``checkpoints/*.ckpt`` of an earlier run. A run that continues the run of that directory (its ``--ckpt_path`` lies
   inside it, or is ``last``) may go on: a ``fit`` resumes; a ``test`` or ``predict`` may add its results beside the
   checkpoints but not replace earlier results. ``--overwrite true`` lifts the refusal. Without a logger only the
@@ -55,7 +57,7 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -69,12 +71,13 @@ DEFAULT_LOGGER = "lightning.pytorch.loggers.CSVLogger"
 DEFAULT_ROOT = "runs"
 YAML_SUFFIXES = (".yaml", ".yml")
 CKPT_KEYWORDS = ("last", "best", "hpc")  # --ckpt_path values Lightning resolves itself (and "registry:...")
-EARLIER_RESULTS = ("metrics.json", "predictions.jsonl")
-WRITES = {"test": ("metrics.json", "predictions.jsonl"), "predict": ("predictions.jsonl",)}  # into the log dir
+EARLIER_RESULTS = ("metrics.json", "predictions.jsonl", "gallery.html")
+WRITES = {"test": EARLIER_RESULTS, "predict": ("predictions.jsonl",)}  # what each writes into the log dir
 
 
 class VLGenCLI(LightningCLI):
-    """LightningCLI with vlgen's defaults: CSV logs under ``runs/``, a progress bar, seed 0."""
+    """LightningCLI with vlgen's defaults: CSV logs under ``runs/``, a progress bar (plain lines when the output is
+    not a terminal: :class:`~vlgen.callbacks.PlainProgress`), seed 0."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults(
@@ -106,6 +109,9 @@ class VLGenCLI(LightningCLI):
         """Point the default logger at ``default_root_dir`` and refuse a log directory holding an earlier run."""
         if not self.subcommand:
             return
+        from vlgen.callbacks.progress import use_plain_progress
+
+        use_plain_progress()  # a VLGEN_PROGRESS of neither plain nor bar stops here, before anything is built
         config = self.config[self.subcommand]
         follow_default_root_dir(config.trainer)
         if not config.get("overwrite") and rank_zero_only.rank == 0:
@@ -126,6 +132,34 @@ class VLGenCLI(LightningCLI):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # not a CheckpointIO the user chose
             strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Build the trainer, with :class:`~vlgen.callbacks.PlainProgress` for its progress bar when the output is
+        not a terminal (:func:`wants_plain_progress`); the saved ``config.yaml`` does not name it."""
+        from vlgen.callbacks.progress import PlainProgress
+
+        settings = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if wants_plain_progress(settings, self.trainer_defaults):
+            kwargs["callbacks"] = [*_as_list(settings.get("callbacks")), PlainProgress()]
+        return super().instantiate_trainer(**kwargs)
+
+
+def wants_plain_progress(trainer: dict[str, Any], defaults: dict[str, Any]) -> bool:
+    """Whether a trainer of these arguments (callbacks built) gets PlainProgress: its progress bar is on, no
+    progress bar is among its callbacks (a user's choice stays), and there is no terminal or ``VLGEN_PROGRESS`` is
+    ``plain`` (:func:`vlgen.callbacks.progress.use_plain_progress`)."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from vlgen.callbacks.progress import use_plain_progress
+
+    if trainer.get("enable_progress_bar") is False or trainer.get("barebones"):
+        return False
+    callbacks = [*_as_list(trainer.get("callbacks")), *_as_list(defaults.get("callbacks"))]
+    return not any(isinstance(cb, ProgressBar) for cb in callbacks) and use_plain_progress()
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -189,6 +189,16 @@ class EvaluationTask(Protocol):
 
 
 @runtime_checkable
+class ScoresSamples(Protocol):
+    """A metric that also scores each sample on its own (``gallery.html``'s score column): one number per
+    prediction, computed over the whole set passed (CIDEr-D's document frequencies), named ``sample_score_name``."""
+
+    sample_score_name: str
+
+    def sample_scores(self, preds: list[str], refs: list[list[str]]) -> list[float]: ...
+
+
+@runtime_checkable
 class LogsSamples(Protocol):
     """A model that keeps a few validation samples (``pixels``, ``caption``, ``references``, ``id``) for tables."""
 

@@ -12,9 +12,10 @@ REPO = Path(__file__).resolve().parents[2]
 WORLD = {"seed": 0, "num_train": 150, "num_val": 16, "num_test": 24, "num_text": 3000}  # a small shapes world
 
 
-def vlgen(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``vlgen ARGS`` in ``cwd``; with ``check``, a non-zero exit fails the test with the end of stderr."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+def vlgen(*args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``vlgen ARGS`` in ``cwd`` (in ``env``, default this process's); with ``check``, a non-zero exit fails the
+    test with the end of stderr."""
+    env = {**(os.environ if env is None else env), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "vlgen.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1800
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -248,7 +249,8 @@ def opt_dir(tmp_path_factory) -> Path:
     return build_blip2(tmp_path_factory.mktemp("blip2-opt-only"), t5=False)
 
 
-def timm_captioner(bert_dir: Path, llm_dir: Path, final_norm: bool, vision_norm: bool):
+def timm_captioner(bert_dir: Path, llm_dir: Path, final_norm: bool, vision_norm: bool, lora: Any = None):
+    """A timm ViT -> Q-Former -> OPT captioner; ``lora`` (a :class:`~vlgen.lora.LoRA`) adapts the ViT and the LLM."""
     from vlgen.bridges import QFormer
     from vlgen.encoders import TimmEncoder
     from vlgen.llms import CausalLM
@@ -256,9 +258,9 @@ def timm_captioner(bert_dir: Path, llm_dir: Path, final_norm: bool, vision_norm:
 
     torch.manual_seed(0)
     vit = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
-    encoder = TimmEncoder("vit_tiny_patch16_224", model_kwargs=vit, final_norm=final_norm)
+    encoder = TimmEncoder("vit_tiny_patch16_224", model_kwargs=vit, final_norm=final_norm, lora=lora)
     bridge = QFormer(str(bert_dir), num_queries=QUERIES, vision_norm=vision_norm)
-    return Captioner(encoder, bridge, CausalLM(str(llm_dir)), prompt=PROMPT).eval()
+    return Captioner(encoder, bridge, CausalLM(str(llm_dir), lora=lora), prompt=PROMPT).eval()
 
 
 @torch.no_grad()
@@ -268,6 +270,21 @@ def test_export_of_a_timm_vit_gives_identical_logits(tiny_bert_dir, opt_dir, tmp
         for p in model.encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
     hf = Blip2ForConditionalGeneration.from_pretrained(export_hf_blip2(model, tmp_path / "vit")).eval()
+    batch = hf_batch(opt_dir)
+    expected = hf(pixel_values=pixels(), **batch).logits
+    torch.testing.assert_close(our_logits(model, opt_dir, batch), expected, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_export_merges_lora_adapters_of_the_vit_and_the_llm(tiny_bert_dir, opt_dir, tmp_path):
+    from vlgen.lora import LoRA, has_lora
+
+    model = timm_captioner(tiny_bert_dir, opt_dir, final_norm=True, vision_norm=False, lora=LoRA(r=2))
+    assert has_lora(model.encoder.model) and has_lora(model.llm.model)
+    for p in [*model.encoder.parameters(), *model.llm.parameters()]:
+        if p.requires_grad:  # LoRA's B starts at zero: move the adapters so that they change the outputs
+            p.add_(0.05 * torch.randn_like(p))
+    hf = Blip2ForConditionalGeneration.from_pretrained(export_hf_blip2(model, tmp_path / "lora")).eval()
     batch = hf_batch(opt_dir)
     expected = hf(pixel_values=pixels(), **batch).logits
     torch.testing.assert_close(our_logits(model, opt_dir, batch), expected, rtol=1e-4, atol=1e-5)

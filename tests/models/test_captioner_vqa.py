@@ -48,7 +48,7 @@ def test_weighted_targets_train_on_every_answer_with_its_share(llm):
     model.eval()  # no dropout: the same prompts twice
     b = vqa_batch()
     out = model(b["pixels"])
-    loss = model._lm_loss(out, b["prompts"], b)
+    loss = model.lm_loss(out, b["prompts"], b)
 
     def one(i: int, target: str) -> torch.Tensor:
         return llm.loss(out.prompts[i : i + 1], None, [b["prompts"][i]], [target])
@@ -56,7 +56,7 @@ def test_weighted_targets_train_on_every_answer_with_its_share(llm):
     by_hand = (0.8 * one(0, "red") + 0.2 * one(0, "blue") + 1.0 * one(1, "two")) / 2.0
     torch.testing.assert_close(loss, by_hand)
     plain = {k: v for k, v in b.items() if k not in ("targets", "target_weights")}
-    assert not torch.allclose(model._lm_loss(out, b["prompts"], plain), loss)  # captions only: another loss
+    assert not torch.allclose(model.lm_loss(out, b["prompts"], plain), loss)  # captions only: another loss
 
 
 def test_blank_images_make_every_picture_alike(llm):

@@ -1,8 +1,10 @@
 """A W&B table of validation images with their generated and reference captions, once per validation run.
 
 It reads ``logged_samples`` (:class:`~vlgen.interfaces.LogsSamples`) that the captioning module keeps from its first
-validation batch and does nothing when no ``WandbLogger`` is attached, so it can stay in every config. The images of
-a table are kept inside the W&B run directory (:func:`staged_in_run`), so an offline run synced later carries them.
+validation batch and does nothing when no ``WandbLogger`` is attached, so it can stay in every config. Images get their
+true colours back as in ``gallery.html`` (:func:`vlgen.gallery.to_uint8_image` undoes the encoder's normalisation). The
+images of a table are kept inside the W&B run directory (:func:`staged_in_run`), so an offline run synced later
+carries them.
 """
 
 from __future__ import annotations
@@ -11,23 +13,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from vlgen.gallery import module_normalisation, to_uint8_image
 from vlgen.interfaces import LogsSamples
 
-
-def to_uint8_image(pixels: torch.Tensor) -> Any:
-    """A normalised ``[C, H, W]`` image -> ``[H, W, C]`` uint8 array; a ``[T, C, H, W]`` clip -> its frames side by
-    side, ``[H, T*W, C]``, so a table shows the motion its caption describes."""
-    if pixels.ndim == 4:
-        pixels = torch.cat(list(pixels), dim=-1)  # T x [C, H, W] -> [C, H, T*W]
-    lo, hi = pixels.min(), pixels.max()
-    scaled = (pixels - lo) / (hi - lo).clamp_min(1e-6)
-    return (scaled * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+__all__ = ["CaptionTable", "staged_in_run", "to_uint8_image"]
 
 
 class CaptionTable(pl.Callback):
@@ -47,8 +40,9 @@ class CaptionTable(pl.Callback):
             return
         import wandb
 
+        stats = module_normalisation(pl_module)
         rows = [
-            [s["id"], wandb.Image(to_uint8_image(s["pixels"])), s["caption"], " | ".join(s["references"])]
+            [s["id"], wandb.Image(to_uint8_image(s["pixels"], stats)), s["caption"], " | ".join(s["references"])]
             for s in samples
         ]
         for logger in loggers:

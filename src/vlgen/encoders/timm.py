@@ -4,6 +4,9 @@ The model is built with ``timm.create_model(name)``; weights come from timm's ow
 (``pretrained: true``, which reads the hub or timm's cache) or from a local file (``checkpoint_path``). The encoder
 returns every output token of ``forward_features`` (class token included for ViTs), optionally dropping the last
 blocks as BLIP-2 does with EVA ViT-g. By default it is frozen and kept in eval mode; ``frozen: false`` trains it.
+With ``lora`` (:class:`~vlgen.lora.LoRA`) a frozen backbone gets trainable low-rank adapters (on a ViT's ``qkv``,
+``proj``, ``fc1`` and ``fc2`` layers by default): the backbone stays frozen and in eval mode, the adapters train
+(their dropout acts in training only) and are saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from vlgen.errors import ConfigError
-from vlgen.interfaces import VisualEncoder, set_frozen
+from vlgen.interfaces import VisualEncoder, freeze, set_frozen
 from vlgen.loading import DType, EncoderRecipe, torch_dtype
+from vlgen.lora import LoRA, add_lora, set_adapters_training
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,9 @@ class TimmEncoder(VisualEncoder):
         feature_stage: take the tokens from this stage of ``model.feature_info`` (timm's ``forward_intermediates``
             index) instead of the final features: e.g. a CNN's stride-16 map, with four times the tokens of its
             stride-32 one. A ViT's prefix tokens are then left out.
+        lora: LoRA adapters on the frozen backbone (:class:`~vlgen.lora.LoRA`; ``all-linear`` adapts every linear
+            layer, which a CNN has none of: name its convolutions in ``target_modules``); needs ``frozen: true`` and
+            the peft package.
     """
 
     def __init__(
@@ -64,8 +71,16 @@ class TimmEncoder(VisualEncoder):
         init_seed: int | None = None,
         build_if_missing: EncoderRecipe | None = None,
         feature_stage: int | None = None,
+        lora: LoRA | None = None,
     ) -> None:
         super().__init__()
+        if lora is not None:  # before any weight is loaded
+            if not frozen:
+                raise ConfigError(
+                    "encoder.lora trains adapters beside a frozen encoder: set encoder.frozen: true (or drop "
+                    "encoder.lora to fine-tune the whole encoder)"
+                )
+            lora.check("encoder.lora")
         kwargs: dict[str, Any] = dict(model_kwargs or {})
         self.transform_overrides = dict(transform or {})
         self.train_augment = train_augment
@@ -104,7 +119,12 @@ class TimmEncoder(VisualEncoder):
             stages = len(self.model.feature_info)
             if not 0 <= feature_stage < stages:
                 raise ConfigError(f"encoder.feature_stage must be in 0..{stages - 1} for {name}, got {feature_stage}")
-        set_frozen(self.model, frozen, f"encoder {name}")
+        self.lora = lora
+        if lora is None:
+            set_frozen(self.model, frozen, f"encoder {name}")
+        else:
+            freeze(self.model)
+            add_lora(self.model, lora, "encoder.lora", f"encoder {name}")
 
     @property
     def embed_dim(self) -> int:
@@ -123,6 +143,8 @@ class TimmEncoder(VisualEncoder):
     def train(self, mode: bool = True) -> TimmEncoder:
         # A frozen encoder stays in eval mode whatever Lightning asks (dropout, drop-path and norm statistics off).
         super().train(mode and not self.frozen)
+        if self.lora is not None:  # ... but its adapters (their dropout) follow `mode`
+            set_adapters_training(self.model, mode)
         return self
 
     def forward(self, pixels: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ from vlgen.errors import ConfigError
 from vlgen.interfaces import VisualEncoder
 from vlgen.llms import CausalLM, Decoding, Seq2SeqLM
 from vlgen.loading import DType, blip2_config, resolve_name_or_path
+from vlgen.lora import merged_state_dict
 from vlgen.models import Captioner
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ def export_hf_blip2(model: Captioner, out_dir: str | Path) -> Path:
     weights.update(_vision_norm(bridge, tower_norm, vision_config))
     weights.update({k: v for k, v in bridge.state_dict().items() if k.startswith(("qformer.", "language_projection."))})
     weights["query_tokens"] = bridge.query_tokens.detach()
-    weights.update({f"language_model.{k}": v for k, v in llm.model.state_dict().items()})
+    # LoRA adapters, if any, merged into the LLM's weights: BLIP-2 has no place for them.
+    weights.update({f"language_model.{k}": v for k, v in merged_state_dict(llm.model).items()})
 
     tokenizer = copy.deepcopy(llm.tokenizer)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
@@ -215,22 +217,21 @@ def _timm_vit_part(encoder: TimmEncoder) -> tuple[dict, dict[str, Tensor], tuple
             "(no layer scale, q/k norm, register tokens or non-GELU MLP), so it has no Blip2VisionModel equivalent"
         )
     first = vit.blocks[0]
+    state = merged_state_dict(vit)  # LoRA adapters, if any, merged into their layers' weights, under the plain names
     weights = {
-        "embeddings.class_embedding": vit.cls_token,
-        "embeddings.position_embedding": vit.pos_embed,
-        "embeddings.patch_embedding.weight": vit.patch_embed.proj.weight,
-        "embeddings.patch_embedding.bias": vit.patch_embed.proj.bias,
+        "embeddings.class_embedding": state["cls_token"],
+        "embeddings.position_embedding": state["pos_embed"],
+        "embeddings.patch_embedding.weight": state["patch_embed.proj.weight"],
+        "embeddings.patch_embedding.bias": state["patch_embed.proj.bias"],
     }
     rename = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv"}
     rename.update({"attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"})
-    for i, block in enumerate(vit.blocks):
-        params = dict(block.named_parameters())
+    for i in range(len(vit.blocks)):
         for theirs, ours in rename.items():
-            weights[f"encoder.layers.{i}.{ours}.weight"] = params[f"{theirs}.weight"]
-            bias = params.get(f"{theirs}.bias")  # a ViT without qkv bias gets a zero one (Hugging Face always has it)
-            weights[f"encoder.layers.{i}.{ours}.bias"] = (
-                bias if bias is not None else torch.zeros(params[f"{theirs}.weight"].shape[0])
-            )
+            weight = state[f"blocks.{i}.{theirs}.weight"]
+            weights[f"encoder.layers.{i}.{ours}.weight"] = weight
+            bias = state.get(f"blocks.{i}.{theirs}.bias")  # a ViT without qkv bias gets a zero one (HF always has it)
+            weights[f"encoder.layers.{i}.{ours}.bias"] = bias if bias is not None else torch.zeros(weight.shape[0])
     weights = {k: v.detach() for k, v in weights.items()}
     config = transformers.Blip2VisionConfig(
         hidden_size=vit.embed_dim,

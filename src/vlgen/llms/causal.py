@@ -25,6 +25,7 @@ from vlgen.interfaces import all_real
 from vlgen.llms.decoding import Decoding
 from vlgen.llms.hf import HFLanguageModel, target_loss
 from vlgen.loading import DType, ModelRecipe
+from vlgen.lora import LoRA
 
 
 class CausalLM(HFLanguageModel):
@@ -50,6 +51,10 @@ class CausalLM(HFLanguageModel):
             ``context`` and the ``sentence`` layout.
         system: the system message of that turn; ``None`` keeps whatever the template adds by itself (some add a
             default one), ``""`` an empty one.
+        lora: LoRA adapters (:class:`~vlgen.lora.LoRA`: ``{r: 8, alpha: 16, dropout: 0.05, target_modules:
+            all-linear}``) on the frozen LM: only they train (with the bridge) and only they are saved in
+            checkpoints; needs ``frozen: true`` and the peft package. The LM stays in eval mode; the adapters'
+            dropout acts in training.
     """
 
     auto_class = transformers.AutoModelForCausalLM
@@ -67,8 +72,9 @@ class CausalLM(HFLanguageModel):
         context: str = "",
         chat_template: bool = False,
         system: str | None = None,
+        lora: LoRA | None = None,
     ) -> None:
-        super().__init__(name_or_path, gguf_file, dtype, frozen, decoding, max_target_tokens, build_if_missing)
+        super().__init__(name_or_path, gguf_file, dtype, frozen, decoding, max_target_tokens, build_if_missing, lora)
         self.prompt_layout = prompt_layout
         self.context = context
         self.chat = ChatTurn(self.tokenizer, system, name_or_path) if chat_template else None

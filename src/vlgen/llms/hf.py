@@ -2,18 +2,28 @@
 
 :class:`~vlgen.llms.CausalLM` and :class:`~vlgen.llms.Seq2SeqLM` differ in how they lay out prompts, text and
 targets; everything around that lives here once. A frozen LM stays in eval mode whatever its owner asks.
+
+With ``lora`` (:class:`~vlgen.lora.LoRA`) the frozen LM gets trainable low-rank adapters, injected in place by peft (the
+model keeps its class, ``generate`` and ``config``). Its base stays in eval mode as any frozen LM's (its own dropout
+off, as BLIP-2 keeps its frozen OPT), while the adapters follow their owner's mode, so that ``lora.dropout`` acts in
+training and nowhere else. :meth:`HFLanguageModel.export` writes the LM with its adapters merged in as a plain Hugging
+Face directory; :meth:`HFLanguageModel.merge_lora` merges them in place.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlgen.interfaces import LanguageModel, set_frozen
+from vlgen.errors import ConfigError
+from vlgen.interfaces import LanguageModel, freeze, set_frozen
 from vlgen.llms.decoding import Decoding
 from vlgen.loading import DType, ModelRecipe, load_pretrained, torch_dtype
+from vlgen.lora import LoRA, add_lora, merge_lora, merged_state_dict, set_adapters_training
 
 
 def target_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -50,8 +60,16 @@ class HFLanguageModel(LanguageModel):
         decoding: Decoding | None,
         max_target_tokens: int,
         build_if_missing: ModelRecipe | None,
+        lora: LoRA | None,
     ) -> None:
         super().__init__()
+        if lora is not None:  # before any weight is loaded
+            if not frozen:
+                raise ConfigError(
+                    "llm.lora trains adapters beside a frozen LM: set llm.frozen: true (or drop llm.lora to "
+                    "fine-tune the whole LM)"
+                )
+            lora.check("llm.lora")
         self.model, self.tokenizer = load_pretrained(
             self.auto_class, name_or_path, gguf_file, dtype, "llm", build_if_missing
         )
@@ -61,7 +79,12 @@ class HFLanguageModel(LanguageModel):
         self.max_target_tokens = max_target_tokens
         self.dtype = torch_dtype(dtype)
         self.frozen = frozen
-        set_frozen(self.model, frozen, f"llm {name_or_path}")
+        self.lora = lora
+        if lora is None:
+            set_frozen(self.model, frozen, f"llm {name_or_path}")
+        else:
+            freeze(self.model)
+            add_lora(self.model, lora, "llm.lora", f"llm {name_or_path}")
 
     @property
     def hidden_size(self) -> int:
@@ -79,4 +102,27 @@ class HFLanguageModel(LanguageModel):
 
     def train(self, mode: bool = True) -> HFLanguageModel:
         super().train(mode and not self.frozen)
+        if self.lora is not None:  # the frozen base stays in eval mode; its adapters (their dropout) follow `mode`
+            set_adapters_training(self.model, mode)
         return self
+
+    def merge_lora(self) -> Any:
+        """Merge the LoRA adapters into the LM's weights in place and return the LM (a plain Hugging Face model, no
+        peft layers, the same outputs); afterwards it has nothing left to train. Without adapters: the LM as it is."""
+        merge_lora(self.model)
+        self.lora = None
+        return self.model
+
+    def export(self, directory: str | os.PathLike) -> Path:
+        """Write the LM (its LoRA adapters, if any, merged into the weights) and its tokenizer to ``directory`` as a
+        plain Hugging Face ``save_pretrained`` directory, without changing this module.
+
+        The result has no peft layers and gives the adapted LM's outputs: ``from_pretrained`` loads it, and so does
+        ``llm.name_or_path`` without ``lora`` (the bridge's weights then come from the run's checkpoint, e.g. through
+        ``model.init_from``). Returns the directory as a ``Path``.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out, state_dict=merged_state_dict(self.model))
+        self.tokenizer.save_pretrained(out)
+        return out

@@ -18,6 +18,7 @@ from vlgen.interfaces import all_real
 from vlgen.llms.decoding import Decoding
 from vlgen.llms.hf import HFLanguageModel, target_loss
 from vlgen.loading import DType, ModelRecipe
+from vlgen.lora import LoRA
 
 
 class Seq2SeqLM(HFLanguageModel):
@@ -37,6 +38,10 @@ class Seq2SeqLM(HFLanguageModel):
             number of words minus one, so at least one word stays the target) to the end of the prefix.
         prefix_lm_seed: seed of the generator that draws the prefix-LM split points (reproducible runs).
         build_if_missing: a recipe that writes the model to ``name_or_path`` when that path does not exist.
+        lora: LoRA adapters (:class:`~vlgen.lora.LoRA`: ``{r: 8, alpha: 16, dropout: 0.05, target_modules:
+            all-linear}``) on the frozen LM: only they train (with the bridge) and only they are saved in
+            checkpoints; needs ``frozen: true`` and the peft package. The LM stays in eval mode; the adapters'
+            dropout acts in training.
     """
 
     auto_class = transformers.AutoModelForSeq2SeqLM
@@ -53,8 +58,9 @@ class Seq2SeqLM(HFLanguageModel):
         prefix_lm: bool = False,
         prefix_lm_seed: int = 0,
         build_if_missing: ModelRecipe | None = None,
+        lora: LoRA | None = None,
     ) -> None:
-        super().__init__(name_or_path, gguf_file, dtype, frozen, decoding, max_target_tokens, build_if_missing)
+        super().__init__(name_or_path, gguf_file, dtype, frozen, decoding, max_target_tokens, build_if_missing, lora)
         self.max_prefix_tokens = max_prefix_tokens
         self.prefix_lm = prefix_lm
         self.generator = torch.Generator().manual_seed(prefix_lm_seed)

@@ -78,6 +78,7 @@ class CaptionMetrics(Metric):
     """
 
     full_state_update = False
+    sample_score_name = "CIDEr-D"  # what sample_scores gives, for a gallery's column
 
     def __init__(self, use_java: bool | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -126,9 +127,7 @@ class CaptionMetrics(Metric):
         from pycocoevalcap.cider.cider import Cider
         from pycocoevalcap.rouge.rouge import Rouge
 
-        # pycocoevalcap's scorers assert non-empty hypotheses: an empty caption is scored as one word no reference has
-        preds = {k: [c if simple_ptb_tokenize(c) else EMPTY for c in v] for k, v in preds.items()}
-        gts, res = self._tokenize(refs), self._tokenize(preds)
+        gts, res = self._tokenized(preds, refs)
         out: dict[str, float] = {}
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         out.update({f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)})
@@ -137,6 +136,32 @@ class CaptionMetrics(Metric):
         out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
         out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
         return out
+
+    def sample_scores(self, preds: list[str], refs: list[list[str]]) -> list[float]:
+        """Each prediction's own CIDEr-D against its references, in order (:class:`~vlgen.interfaces.ScoresSamples`).
+
+        The document frequencies come from all the references passed, so pass the whole evaluated set (as
+        ``metrics.json``'s ``CIDEr`` was computed over): pycocoevalcap's corpus CIDEr-D is the mean of these
+        per-sample scores, and that is what :meth:`score` reports for the same samples. Text is tokenised as there.
+        """
+        from pycocoevalcap.cider.cider import Cider
+
+        if len(preds) != len(refs):
+            raise ValueError(f"got {len(preds)} predictions and {len(refs)} reference lists")
+        if not preds:
+            return []
+        gts, res = self._tokenized({i: [p] for i, p in enumerate(preds)}, {i: list(r) for i, r in enumerate(refs)})
+        _, per_sample = Cider().compute_score(gts, res)
+        by_key = dict(zip(gts.keys(), per_sample, strict=True))  # Cider scores in the order of gts' keys
+        return [float(by_key[i]) for i in range(len(preds))]
+
+    def _tokenized(
+        self, preds: dict[Any, list[str]], refs: dict[Any, list[str]]
+    ) -> tuple[dict[Any, list[str]], dict[Any, list[str]]]:
+        """``(references, predictions)`` tokenised for pycocoevalcap's scorers, an empty prediction replaced."""
+        # pycocoevalcap's scorers assert non-empty hypotheses: an empty caption is scored as one word no reference has
+        preds = {k: [c if simple_ptb_tokenize(c) else EMPTY for c in v] for k, v in preds.items()}
+        return self._tokenize(refs), self._tokenize(preds)
 
     def _tokenize(self, captions: dict[Any, list[str]]) -> dict[Any, list[str]]:
         global _java_warned

@@ -243,6 +243,21 @@ class VQAAccuracy(Metric):
         # Strings cannot travel through torchmetrics' tensor all-gather; compute() gathers them itself.
         return None
 
+    @property
+    def sample_score_name(self) -> str:
+        """What :meth:`sample_scores` gives, for a gallery's column."""
+        return "VQA accuracy (%)" if self.mode == "vqa" else "exact match (%)"
+
+    def sample_scores(self, preds: list[str], refs: list[list[str]]) -> list[float]:
+        """Each question's own score in percent, in order (:class:`~vlgen.interfaces.ScoresSamples`): its VQA
+        accuracy (:func:`vqa_score`) or exact match (:func:`exact_match`, against the first reference), so their
+        mean over a test set is :meth:`compute`'s ``accuracy``."""
+        if len(preds) != len(refs):
+            raise ValueError(f"got {len(preds)} predictions but {len(refs)} answer lists")
+        if self.mode == "vqa":
+            return [100 * vqa_score(p, r) for p, r in zip(preds, refs, strict=True)]
+        return [100 * exact_match(p, r[0]) for p, r in zip(preds, refs, strict=True)]
+
     def compute(self) -> dict[str, float]:
         # Every rank gathers the same rows and scores them identically, so no broadcast is needed.
         rows = gather_objects(

@@ -275,7 +275,7 @@ class VLModule(pl.LightningModule, ABC):
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0}]
         opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas)
         total = self.optim.max_steps or int(self.trainer.estimated_stepping_batches)
-        floor = self.optim.min_lr / self.optim.lr
+        floor = self.optim.min_lr / self.optim.lr if self.optim.lr > 0 else 0.0  # lr 0: a run that only looks
         warmup = min(self.optim.warmup_steps, max(0, total - 1))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, floor))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

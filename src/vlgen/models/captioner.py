@@ -10,15 +10,18 @@ generate text and score it with :class:`~vlgen.metrics.CaptionMetrics`, or, when
 (:class:`~vlgen.data.VQATask`), with that task's metric and decoding settings; a VQA batch's weighted ``targets``
 (each distinct answer with its share of the annotators) are trained on together. Test also writes ``metrics.json``
 and ``predictions.jsonl`` into the run's log directory (and a task's official submission file); ``metrics.json``
-also holds ``skipped``, the test samples that could not be read. Predict writes ``{"id", "caption"}`` lines and
-``predict_summary.json`` (``{"predictions": n, "skipped": k}``) beside them. A test or predict set whose samples were
-all unreadable stops with one line (:class:`~vlgen.errors.RunStopped`) and writes neither file.
+also holds ``skipped``, the test samples that could not be read; ``gallery.html`` beside them shows the first
+``gallery_size`` test samples with their pictures, texts and own scores (:mod:`vlgen.gallery`). Predict writes
+``{"id", "caption"}`` lines and ``predict_summary.json`` (``{"predictions": n, "skipped": k}``) beside them. A test or
+predict set whose samples were all unreadable stops with one line (:class:`~vlgen.errors.RunStopped`) and writes
+neither file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,8 +29,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from vlgen.dist import gather_objects
+from vlgen.dist import gather_objects, world_size
 from vlgen.errors import ConfigError
+from vlgen.gallery import Stats, module_normalisation, thumbnail_uri, write_gallery
 from vlgen.interfaces import (
     Bridge,
     BridgeOutput,
@@ -35,6 +39,7 @@ from vlgen.interfaces import (
     EvaluationTask,
     LanguageModel,
     ReadsText,
+    ScoresSamples,
     VisualEncoder,
 )
 from vlgen.metrics import CaptionMetrics
@@ -68,6 +73,8 @@ class Captioner(VLModule):
             question-only (text-only) baseline, with the same LLM, prompts and trainable bridge.
         nonfinite: what a non-finite training loss or gradient does: ``stop`` the run (one line naming the step, the
             terms and the samples) or ``skip`` the step (:class:`~vlgen.models.VLModule`).
+        gallery_size: test samples shown in ``gallery.html`` (the first ones, with a thumbnail each); 0 writes no
+            gallery.
     """
 
     def __init__(
@@ -84,8 +91,11 @@ class Captioner(VLModule):
         bridge_reads_prompts: bool = False,
         blank_images: bool = False,
         nonfinite: Literal["stop", "skip"] = "stop",
+        gallery_size: int = 200,
     ) -> None:
         super().__init__(optim, objectives, nonfinite)
+        if gallery_size < 0:
+            raise ConfigError(f"model.gallery_size must be 0 (no gallery) or more, got {gallery_size}")
         if prompt_template.count("{}") != 1:
             raise ConfigError(f"model.prompt_template must hold exactly one {{}}, got {prompt_template!r}")
         if bridge_reads_prompts and not isinstance(bridge, ReadsText):
@@ -101,6 +111,10 @@ class Captioner(VLModule):
         self.build_objectives(ModelParts(encoder, bridge, llm))
         self.prompt, self.prompt_template = prompt, prompt_template
         self.num_logged_samples = num_logged_samples
+        self.gallery_size = gallery_size
+        self._thumbnails: list[tuple[str, str | None]] = []  # (id, data URI or None) of this rank's gallery samples
+        self._pixel_stats: Stats | None = None
+        self._thumbnail_failed = False
         self.val_metrics = CaptionMetrics()
         self.test_metrics = CaptionMetrics()
         self.logged_samples: list[dict[str, Any]] = []
@@ -152,12 +166,12 @@ class Captioner(VLModule):
     def training_losses(self, batch: CaptionBatch) -> dict[str, Tensor]:
         out = self(batch["pixels"], batch.get("prompts"))
         prefixes = self.prefixes(len(batch["captions"]), batch.get("prompts"))
-        losses = {"lm_loss": self._lm_loss(out, prefixes, batch)}
+        losses = {"lm_loss": self.lm_loss(out, prefixes, batch)}
         losses.update(out.losses)  # the bridge's own auxiliary terms (weight 1)
         losses.update(self.objective_losses(out, batch))
         return losses
 
-    def _lm_loss(self, out: BridgeOutput, prefixes: list[str], batch: CaptionBatch) -> Tensor:
+    def lm_loss(self, out: BridgeOutput, prefixes: list[str], batch: CaptionBatch) -> Tensor:
         """The LM loss on each sample's target, or on every one of its weighted ``targets`` when the batch has them
         (the sample's prompts repeated for each)."""
         targets = batch.get("targets")
@@ -193,22 +207,48 @@ class Captioner(VLModule):
         self._log_metrics("val", self.val_metrics)
         self.report_skipped("val")
 
+    def on_test_epoch_start(self) -> None:
+        self._thumbnails, self._thumbnail_failed = [], False
+        self._pixel_stats = module_normalisation(self) if self.gallery_size else None
+
     def test_step(self, batch: CaptionBatch, batch_idx: int) -> None:
         preds = self._evaluate(batch, self.test_metrics, "test")
         prompts = batch.get("prompts")
         for k, (i, caption, refs) in enumerate(zip(batch["ids"], preds, batch["references"], strict=True)):
             row = {"id": i, "caption": caption, "references": refs}
             self._outputs.append(row if prompts is None else {"id": i, "prompt": prompts[k], **row})
+        if preds:
+            self._keep_thumbnails(batch)
+
+    def _keep_thumbnails(self, batch: CaptionBatch) -> None:
+        """Thumbnails of this rank's first gallery samples: its share of ``gallery_size``, so that all ranks
+        together (a distributed sampler deals samples out in turn) hold about the first ``gallery_size``."""
+        quota = math.ceil(self.gallery_size / world_size())
+        for pixels, sample_id in zip(batch["pixels"], batch["ids"]):
+            if len(self._thumbnails) >= quota:
+                return
+            uri = None
+            if not self._thumbnail_failed:
+                try:
+                    uri = thumbnail_uri(pixels, self._pixel_stats)
+                except Exception as err:  # a picture the gallery cannot show costs the gallery its images only
+                    what = f"{type(err).__name__}: {err}"
+                    log.warning("gallery: no thumbnail for sample %s (%s), nor for those after it", sample_id, what)
+                    self._thumbnail_failed = True
+            self._thumbnails.append((sample_id, uri))
 
     def on_test_epoch_end(self) -> None:
         scores = self._log_metrics("test", self.test_metrics)
         skipped = self.report_skipped("test")  # stops (every rank) when no test sample was readable
         rows = _unique_by_id(gather_objects(self._outputs))
         self._outputs = []
+        thumbnails = dict(gather_objects(self._thumbnails)) if self.gallery_size else {}  # collective: every rank
+        self._thumbnails = []
         out_dir = self._run_dir()  # every rank asks: trainer.log_dir is a collective call under DDP
         task = self.task
         if self.trainer.is_global_zero:
-            (out_dir / "metrics.json").write_text(json.dumps({**scores, "skipped": skipped}, indent=2) + "\n")
+            summary = {**scores, "skipped": skipped}
+            (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
             _write_jsonl(out_dir / "predictions.jsonl", rows)
             rank_zero_info(f"test metrics: {out_dir / 'metrics.json'}  predictions: {out_dir / 'predictions.jsonl'}")
             if task is not None:
@@ -217,6 +257,35 @@ class Captioner(VLModule):
                 rank_zero_info(f"submission file: {out_dir / name} ({len(rows)} answers)")
             if not scores and rows:
                 rank_zero_info("test: no references in this split (e.g. VQA test-dev): predictions only, no scores")
+            if self.gallery_size:
+                self._write_gallery(out_dir / "gallery.html", summary, rows, thumbnails)
+
+    def _write_gallery(
+        self, path: Path, summary: dict[str, Any], rows: list[dict[str, Any]], thumbnails: dict[str, str | None]
+    ) -> None:
+        """``gallery.html`` of the first ``gallery_size`` test rows that have a thumbnail entry, each scored by the
+        test metric over the whole test set (CIDEr-D's document frequencies); a failure here is a warning, never the
+        loss of the files already written."""
+        try:
+            metric = self.test_metrics
+            scored = [r for r in rows if r["references"]]
+            name = None
+            by_id: dict[str, float] = {}
+            if isinstance(metric, ScoresSamples) and scored:
+                preds, refs = [r["caption"] for r in scored], [r["references"] for r in scored]
+                by_id = dict(zip([r["id"] for r in scored], metric.sample_scores(preds, refs), strict=True))
+                name = metric.sample_score_name
+            shown = [r for r in rows if r["id"] in thumbnails][: self.gallery_size]
+            samples = [{**r, "score": by_id.get(r["id"]), "thumbnail": thumbnails[r["id"]]} for r in shown]
+            title = f"vlgen test: {path.parent.name}"
+            write_gallery(
+                path, summary, samples, name, answer_counts=self.task is not None, total=len(rows), title=title
+            )
+        except Exception as err:
+            what = f"{type(err).__name__}: {err}"
+            log.warning("gallery: %s not written (%s); metrics.json and predictions.jsonl are", path, what)
+            return
+        rank_zero_info(f"gallery: {path}")
 
     def predict_step(self, batch: CaptionBatch, batch_idx: int) -> list[dict[str, str]]:
         if self.count_skipped(batch, "predict"):
