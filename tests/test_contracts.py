@@ -520,3 +520,50 @@ def test_llm_padded_prompt_row_has_the_loss_of_the_unpadded_batch_of_one(llm):
 
 def test_llm_frozen_parts_stay_in_eval_after_train(llm):
     assert_frozen_parts_stay_in_eval(llm)
+
+
+# === BLOCKS (the FSDP2 units and activation-checkpointing units, vlgen.sharding) ====================================
+def assert_blocks_called_whole(component: nn.Module, run, what: str) -> None:
+    """``component.block_modules()`` are distinct submodules, none inside another, and ``run()`` calls each of them
+    (its forward hooks fire: FSDP2 gathers a block's weights in them, so a block run otherwise would fail)."""
+    blocks = component.block_modules()
+    names = {id(m): n for n, m in component.named_modules()}
+    assert all(id(b) in names for b in blocks), f"{what}: a block is not a submodule of the component"
+    assert len({id(b) for b in blocks}) == len(blocks), f"{what}: a block is declared twice"
+    inner = {id(m) for b in blocks for m in b.modules() if m is not b}
+    nested = [names[id(b)] for b in blocks if id(b) in inner]
+    assert not nested, f"{what}: blocks inside other blocks: {nested}"
+    calls = [0] * len(blocks)
+    hooks = [
+        b.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1)) for i, b in enumerate(blocks)
+    ]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    skipped = [names[id(b)] for b, n in zip(blocks, calls) if n == 0]
+    assert not skipped, f"{what}: blocks never called whole (their forward hooks did not fire): {skipped[:8]}"
+
+
+def test_encoder_blocks_are_called_whole(encoder):
+    encoder.eval()
+    x = encoder_input(encoder)
+    assert_blocks_called_whole(encoder, lambda: encoder(x), type(encoder).__name__)
+
+
+def test_bridge_blocks_are_called_whole(bridge):
+    bridge.eval()
+    assert_blocks_called_whole(bridge, lambda: bridge(visual_tokens(), padding_mask()), type(bridge).__name__)
+
+
+@pytest.mark.parametrize("entry", ["loss", "generate"])
+def test_llm_blocks_are_called_whole(llm, entry):
+    llm.eval()
+    prompts = prompts_for(llm, BATCH, 3)
+    runs = {
+        "loss": lambda: llm.loss(prompts, None, PREFIXES, TARGETS),
+        "generate": lambda: llm.generate(prompts, None, PREFIXES),
+    }
+    assert_blocks_called_whole(llm, runs[entry], f"{type(llm).__name__}.{entry}")

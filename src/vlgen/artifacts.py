@@ -13,7 +13,9 @@ file through jsonargparse, as ``vlgen fit`` does, and loads the trainable weight
 
 The fingerprint hashes each frozen tensor's name, shape and dtype and a fixed strided sample of its values
 (:data:`SAMPLES` values per tensor, read in one transfer per component), so it costs milliseconds even for a 7B LLM;
-it is cached on the module until a frozen tensor is replaced, moved, cast or changed in place.
+it is cached on the module until a frozen tensor is replaced, moved, cast or changed in place. A model about to be
+sharded (FSDP2) pins its fingerprint first (:func:`pin_frozen_fingerprint`): each rank then holds a shard of every
+frozen tensor, and the pinned value of the whole ones stands for them.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ SAMPLES = 256  # values read from each frozen tensor
 FINGERPRINT_SCHEME = f"name-shape-dtype-strided{SAMPLES}-sha256"
 _CONFIG_ATTR = "_vlgen_model_config"
 _CACHE_ATTR = "_vlgen_frozen_fingerprint"
+_PINNED_ATTR = "_vlgen_frozen_fingerprint_pinned"
 
 
 # --- the model config -----------------------------------------------------------------------------------------------
@@ -83,7 +86,11 @@ def _read_yaml(path: Path, source: str) -> Any:
 
 # --- the frozen-parts fingerprint -----------------------------------------------------------------------------------
 def frozen_fingerprint(module: nn.Module) -> dict[str, str]:
-    """A short hash of the frozen parameters of each top-level component of ``module`` that has any."""
+    """A short hash of the frozen parameters of each top-level component of ``module`` that has any (the pinned one
+    once :func:`pin_frozen_fingerprint` has run)."""
+    pinned = getattr(module, _PINNED_ATTR, None)
+    if pinned is not None:
+        return dict(pinned)
     frozen = [(name, p) for name, p in module.named_parameters() if not p.requires_grad]
     key = tuple((n, _pointer(p), getattr(p, "_version", 0), p.dtype, tuple(p.shape), p.device) for n, p in frozen)
     cached = getattr(module, _CACHE_ATTR, None)
@@ -94,6 +101,15 @@ def frozen_fingerprint(module: nn.Module) -> dict[str, str]:
         groups.setdefault(name.split(".", 1)[0], []).append((name, p))
     fingerprint = {component: _hash(tensors) for component, tensors in groups.items()}
     setattr(module, _CACHE_ATTR, (key, fingerprint))
+    return dict(fingerprint)
+
+
+def pin_frozen_fingerprint(module: nn.Module) -> dict[str, str]:
+    """Fix ``module``'s fingerprint at its present frozen weights, for good: call it before sharding them, which
+    leaves each rank a shard (frozen weights do not change, so the fingerprint of the whole ones stays true)."""
+    setattr(module, _PINNED_ATTR, None)
+    fingerprint = frozen_fingerprint(module)
+    setattr(module, _PINNED_ATTR, fingerprint)
     return dict(fingerprint)
 
 

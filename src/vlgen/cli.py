@@ -20,7 +20,9 @@ Models and data modules are chosen in YAML with ``class_path`` / ``init_args``; 
 
 A configuration mistake (an unknown key, a path that does not exist) stops the run with one line naming it, before
 anything is built: a ``--config`` file (or another argument naming a ``.yaml`` file) with a YAML syntax error is named
-with the line and column; a ``--ckpt_path`` that is missing, truncated or not a Lightning checkpoint is named too.
+with the line and column; a ``--ckpt_path`` that is missing, truncated or not a Lightning checkpoint is named too; so
+is a strategy that needs GPUs (Lightning's FSDP, DeepSpeed) on the CPU, where FSDP2 (``configs/cluster/cpu_fsdp2.yaml``)
+shards instead.
 
 Runs never overwrite one another:
 
@@ -106,13 +108,15 @@ class VLGenCLI(LightningCLI):
             check_ckpt_path(self.config[subcommand].get("ckpt_path"))
 
     def before_instantiate_classes(self) -> None:
-        """Point the default logger at ``default_root_dir`` and refuse a log directory holding an earlier run."""
+        """Refuse a strategy the accelerator cannot run (:func:`check_strategy`), point the default logger at
+        ``default_root_dir`` and refuse a log directory holding an earlier run."""
         if not self.subcommand:
             return
         from vlgen.callbacks.progress import use_plain_progress
 
         use_plain_progress()  # a VLGEN_PROGRESS of neither plain nor bar stops here, before anything is built
         config = self.config[self.subcommand]
+        check_strategy(config.trainer)
         follow_default_root_dir(config.trainer)
         if not config.get("overwrite") and rank_zero_only.rank == 0:
             refuse_earlier_run(self.subcommand, config.trainer, config.get("ckpt_path"))
@@ -244,6 +248,26 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
     from vlgen.loading import read_checkpoint
 
     read_checkpoint(ckpt_path, "--ckpt_path", mmap=True)
+
+
+def check_strategy(trainer: Namespace) -> None:
+    """Stop with one line, before anything is built, a strategy that cannot run on the accelerator: Lightning's
+    FSDP (``fsdp``, ``FSDPStrategy``: FSDP1) and DeepSpeed need CUDA GPUs. Sharding on CPUs is FSDP2 through
+    ``ModelParallelStrategy`` (``configs/cluster/cpu_fsdp2.yaml``)."""
+    strategy, accelerator = trainer.get("strategy"), trainer.get("accelerator")
+    name = strategy.get("class_path", "") if isinstance(strategy, Namespace) else str(strategy or "")
+    short = name.rsplit(".", 1)[-1].lower()
+    if not short.startswith(("fsdp", "deepspeed")):
+        return
+    device = accelerator.get("class_path", "") if isinstance(accelerator, Namespace) else str(accelerator or "auto")
+    device = device.rsplit(".", 1)[-1].lower()
+    on_cpu = device.startswith("cpu") or (device == "auto" and not torch.cuda.is_available())
+    if on_cpu:
+        what = "DeepSpeed" if short.startswith("deepspeed") else "Lightning's FSDP (FSDP1)"
+        raise ConfigError(
+            f"trainer.strategy {name}: {what} needs CUDA GPUs, and this run is on the CPU; shard on CPUs with FSDP2: "
+            "--config configs/cluster/cpu_fsdp2.yaml (lightning.pytorch.strategies.ModelParallelStrategy)"
+        )
 
 
 def follow_default_root_dir(trainer: Namespace) -> None:

@@ -78,7 +78,33 @@ class BridgeOutput:
     pooled: Tensor | None = None
 
 
-class VisualEncoder(nn.Module, ABC):
+class HasBlocks(nn.Module):
+    """A module that names its repeated blocks (transformer layers, a CNN's residual blocks): the units vlgen shards
+    with FSDP2 and activation-checkpoints (:mod:`vlgen.sharding`). Encoders, bridges, language models, the P-Former and
+    objectives are ``HasBlocks``; most components with blocks say them in one line."""
+
+    def block_modules(self) -> list[nn.Module]:
+        """The blocks, each a submodule that the component runs by calling it (``block(x)``, so the hooks that gather
+        its shards run) and whose weights are used nowhere else. None by default: the component's weights then stay
+        with the model's outer unit (projectors, a few layers of glue)."""
+        return []
+
+
+def no_split_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of a Hugging Face model: the outermost submodules of the classes its ``_no_split_modules`` names
+    (``LlamaDecoderLayer``, ``OPTDecoderLayer``, ``T5Block``, ``BertLayer`` ...), as Accelerate's FSDP wrapping uses
+    them; none for a model that names none."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    found: list[nn.Module] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if name and type(module).__name__ in names and not any(name.startswith(p + ".") for p in inside):
+            found.append(module)
+            inside.append(name)
+    return found
+
+
+class VisualEncoder(HasBlocks, ABC):
     """Images ``[B, C, H, W]`` (a video encoder: frames ``[B, T, C, H, W]``) -> visual tokens ``[B, N, D]``."""
 
     @property
@@ -94,7 +120,7 @@ class VisualEncoder(nn.Module, ABC):
     def forward(self, pixels: Tensor) -> Tensor: ...
 
 
-class Bridge(nn.Module, ABC):
+class Bridge(HasBlocks, ABC):
     """Visual tokens -> language-model prompts.
 
     A bridge is constructed from its own hyper-parameters only; the widths on either side are derived by the model
@@ -120,7 +146,7 @@ class Bridge(nn.Module, ABC):
         return None
 
 
-class LanguageModel(nn.Module, ABC):
+class LanguageModel(HasBlocks, ABC):
     """A (usually frozen) language model that reads soft prompts followed by text."""
 
     @property

@@ -61,8 +61,15 @@ class LoRA:
     target_modules: list[str] | str = "all-linear"
     bias: Literal["none", "all", "lora_only"] = "none"
 
-    def check(self, option: str) -> None:
-        """Stop with one line naming ``option`` on a bad value or a missing peft, before any weight is loaded."""
+    def check(self, option: str, frozen: bool = True) -> None:
+        """Stop with one line naming ``option`` on a bad value, a base that is not frozen (adapters train beside a
+        frozen base; without them the whole component fine-tunes) or a missing peft, before any weight is loaded."""
+        part = option.split(".")[0]
+        if not frozen:
+            raise ConfigError(
+                f"{option} trains adapters beside a frozen {part}: set {part}.frozen: true (or drop {option} to "
+                f"fine-tune the whole {part})"
+            )
         if self.r < 1:
             raise ConfigError(f"{option}.r must be 1 or more, got {self.r}")
         if self.alpha <= 0:

@@ -4,6 +4,8 @@ the other rank by running this script again.
 Run 1: every batch rank 1 gets has no readable sample; the run must finish, with rank 1 taking part in every
 gradient all-reduce and the skips summed over ranks. Run 2: rank 1's first batch gives a NaN loss; both ranks must
 stop with the same one-line error, before the optimiser step. Each rank writes ``rank<R>.json`` into ``--out``.
+With ``--strategy fsdp2`` the same runs are sharded (Lightning's ``ModelParallelStrategy``): a step where any rank's
+batch is empty is skipped by every rank, so run 1 takes no step at all.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from vlgen.bridges import MLPProjector
 from vlgen.encoders import TimmEncoder
@@ -42,12 +44,18 @@ def model(llm_dir: str) -> Captioner:
     return Captioner(enc, MLPProjector(), llm, optim=Optim(lr=1e-2, warmup_steps=0, weight_decay=0.0))
 
 
-def fit(m: Captioner, batches: list[dict]) -> pl.Trainer:
+def fit(m: Captioner, batches: list[dict], strategy: str = "ddp") -> pl.Trainer:
     """Fit one epoch; the default DistributedSampler (no shuffling) gives rank r the batches r, r + 2, ..."""
+    timeout = timedelta(seconds=60)
+    if strategy == "fsdp2":
+        chosen = ModelParallelStrategy(2, 1, save_distributed_checkpoint=False, process_group_backend="gloo",
+                                       timeout=timeout)  # fmt: skip
+    else:
+        chosen = DDPStrategy(process_group_backend="gloo", timeout=timeout)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60)),
+        strategy=chosen,
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
@@ -60,13 +68,16 @@ def fit(m: Captioner, batches: list[dict]) -> pl.Trainer:
 
 
 def bridge_weights(m: Captioner) -> list[float]:
-    return [float(p.detach().double().sum()) for p in m.bridge.parameters()]
+    """The sum of each bridge weight (of the whole weight when sharded: a collective then)."""
+    whole = (getattr(p, "full_tensor", lambda p=p: p)() for p in m.bridge.parameters())
+    return [float(p.detach().double().sum()) for p in whole]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--llm", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -75,7 +86,9 @@ def main() -> None:
     m = model(args.llm)
     result["initial"] = bridge_weights(m)
     # rank 0: batches 0 and 2 (readable); rank 1: batches 1 and 3 (every sample unreadable)
-    trainer = fit(m, [batch(["s0", "s1"]), batch([], skipped=2), batch(["s2", "s3"]), batch([], skipped=2)])
+    trainer = fit(
+        m, [batch(["s0", "s1"]), batch([], skipped=2), batch(["s2", "s3"]), batch([], skipped=2)], args.strategy
+    )
     result["global_step"] = trainer.global_step
     result["train_skipped"] = float(trainer.callback_metrics["train/skipped"])
     result["trained"] = bridge_weights(m)
@@ -85,7 +98,8 @@ def main() -> None:
     m = model(args.llm)
     before = bridge_weights(m)
     try:  # rank 0: batch 0 (readable); rank 1: batch 1 (NaN pixels, so a NaN loss)
-        fit(m, [batch(["g0", "g1"]), batch(["bad0", "bad1"], nan=True), batch(["g2", "g3"]), batch(["g4", "g5"])])
+        batches = [batch(["g0", "g1"]), batch(["bad0", "bad1"], nan=True), batch(["g2", "g3"]), batch(["g4", "g5"])]
+        fit(m, batches, args.strategy)
         result["stopped"] = None
     except RunStopped as err:
         result["stopped"] = str(err)

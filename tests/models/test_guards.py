@@ -222,3 +222,20 @@ def test_ddp_a_rank_with_only_unreadable_batches_joins_every_step_and_a_nan_stop
     assert ranks[0]["stopped"] == ranks[1]["stopped"]
     assert ranks[0]["stopped"].startswith("training step 0 (epoch 0): non-finite rank 1: loss=nan lm_loss=nan")
     assert "['bad0', 'bad1']" in ranks[0]["stopped"] and all(r["unchanged"] for r in ranks)
+
+
+@pytest.mark.ddp
+def test_fsdp2_a_step_with_an_empty_rank_is_skipped_by_all_and_a_nan_stops_both(tiny_llm_dir, tmp_path):
+    """Sharded, every rank must run the same forward (its gathers): a step where one rank has no usable sample is
+    skipped by every rank, rather than leaving the other waiting; the non-finite guard stops both ranks alike."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(DDP_SCRIPT), "--llm", str(tiny_llm_dir), "--out", str(tmp_path), "--strategy", "fsdp2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["train_skipped"] == 4.0 and r["finite"]
+        assert r["trained"] == r["initial"]  # rank 1 had nothing at either step: nobody stepped
+    assert ranks[0]["stopped"] == ranks[1]["stopped"]
+    assert ranks[0]["stopped"].startswith("training step 0 (epoch 0): non-finite rank 1: loss=nan lm_loss=nan")
+    assert all(r["unchanged"] for r in ranks)

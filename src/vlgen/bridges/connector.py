@@ -149,6 +149,10 @@ class TokenMergingConnector(Bridge):
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
 
+    def block_modules(self) -> list[nn.Module]:
+        """The connector's layers (``MergingLayer``: attention, the merge, the feed-forward)."""
+        return list(self.layers)
+
     @torch.no_grad()
     def _copy_from_bert(self, source: nn.Module, name: str) -> None:
         theirs = source.state_dict()

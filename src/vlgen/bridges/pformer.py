@@ -18,11 +18,11 @@ import transformers
 from torch import Tensor, nn
 
 from vlgen.errors import ConfigError, load_failure
-from vlgen.interfaces import masked_mean, set_frozen
+from vlgen.interfaces import HasBlocks, masked_mean, no_split_blocks, set_frozen
 from vlgen.loading import dtype_kwarg, load_checked, read_checkpoint, rename_keys, resolve_name_or_path
 
 
-class PFormer(nn.Module):
+class PFormer(HasBlocks):
     """Sentences -> ``num_prompts`` soft prompts of the LLM's width.
 
     Args:
@@ -106,6 +106,10 @@ class PFormer(nn.Module):
             hint = "check num_prompts, num_layers, the BERT and the LLM width"
             load_checked(self, state, "pformer.init_from", str(self.init_from), label="P-Former", hint=hint)
         set_frozen(self, self.frozen, "P-Former")
+
+    def block_modules(self) -> list[nn.Module]:
+        """The text encoder's blocks: the classes its ``_no_split_modules`` names (a BERT's embeddings and layers)."""
+        return no_split_blocks(self.bert)
 
     def train(self, mode: bool = True) -> PFormer:
         super().train(mode and not self.frozen)  # a frozen P-Former stays in eval mode (dropout off)

@@ -217,6 +217,10 @@ class QFormer(Bridge):
     def layers(self) -> nn.ModuleList:
         return self.qformer["encoder"]["layer"]  # type: ignore[return-value]
 
+    def block_modules(self) -> list[nn.Module]:
+        """The Q-Former's layers (``QFormerLayer``: self-attention, cross-attention once built, both feed-forwards)."""
+        return list(self.layers)
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         init_bert_module(module, std)

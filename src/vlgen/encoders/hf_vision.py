@@ -71,6 +71,10 @@ class HFBlip2Vision(VisualEncoder):
         """The epsilon of the tower's norms, which ``post_layernorm`` (the Q-Former's ``ln_vision``) shares."""
         return float(self.model.config.layer_norm_eps)
 
+    def block_modules(self) -> list[nn.Module]:
+        """The tower's encoder layers (``Blip2EncoderLayer``)."""
+        return list(self.model.encoder.layers)
+
     def image_transform(self, train: bool) -> Callable[[Any], Tensor]:
         """Bicubic resize to the square input size, then CLIP normalisation (as ``BlipImageProcessor``)."""
         return T.Compose(

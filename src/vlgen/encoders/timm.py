@@ -74,13 +74,8 @@ class TimmEncoder(VisualEncoder):
         lora: LoRA | None = None,
     ) -> None:
         super().__init__()
-        if lora is not None:  # before any weight is loaded
-            if not frozen:
-                raise ConfigError(
-                    "encoder.lora trains adapters beside a frozen encoder: set encoder.frozen: true (or drop "
-                    "encoder.lora to fine-tune the whole encoder)"
-                )
-            lora.check("encoder.lora")
+        if lora is not None:
+            lora.check("encoder.lora", frozen)  # before any weight is loaded
         kwargs: dict[str, Any] = dict(model_kwargs or {})
         self.transform_overrides = dict(transform or {})
         self.train_augment = train_augment
@@ -131,6 +126,15 @@ class TimmEncoder(VisualEncoder):
         if self.feature_stage is not None:
             return int(self.model.feature_info[self.feature_stage]["num_chs"])
         return int(self.model.num_features)
+
+    def block_modules(self) -> list[nn.Module]:
+        """The blocks timm's ``feature_info`` names up to the stage read: a ViT's or EVA's ``blocks.N``, a CNN stage's
+        residual blocks (with a temporal contextualizer, the blocks that wrap them)."""
+        from vlgen.encoders.temporal.contextualizer import _encoder_blocks
+
+        if not hasattr(self.model, "feature_info"):
+            return []
+        return [block for _, _, block, _ in _encoder_blocks(self.model, self.feature_stage)]
 
     def image_transform(self, train: bool) -> Callable[[Any], Tensor]:
         config = timm.data.resolve_data_config({}, model=self.model)

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlgen.encoders.temporal.base import TemporalModule
 from vlgen.encoders.temporal.pooling import MeanOverTime
@@ -43,6 +43,10 @@ class FrameEncoder(VisualEncoder):
     @property
     def embed_dim(self) -> int:
         return self.image.embed_dim
+
+    def block_modules(self) -> list[nn.Module]:
+        """The image encoder's blocks (those a temporal module wraps included)."""
+        return self.image.block_modules()
 
     def image_transform(self, train: bool) -> Callable[[Any], Tensor]:
         """The per-frame transform (the image encoder's)."""

@@ -161,7 +161,10 @@ class CausalLM(HFLanguageModel):
         # Token t is predicted from position t - 1, so no position before the earliest first target predicts one:
         # the vocabulary projection (a large share of a small LM's compute) skips the prompts and prefixes.
         keep = length - min(starts) + 1  # the last `keep` positions
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, **{self._keep_arg: keep} if self._keep_arg else {})
+        # No key-value cache: one pass needs none, and a layer whose activations are checkpointed would write its keys
+        # into it a second time when the backward replays it.
+        kept = {self._keep_arg: keep} if self._keep_arg else {}
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **kept)
         logits = out.logits[:, -keep:]  # [B, keep, V]
         shifted = labels[:, length - keep + 1 :]  # [B, keep - 1]: what each kept position but the last predicts
         return target_loss(logits[:, :-1], shifted, weights)

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from vlgen.errors import ConfigError
-from vlgen.interfaces import LanguageModel, freeze, set_frozen
+from vlgen.interfaces import LanguageModel, freeze, no_split_blocks, set_frozen
 from vlgen.llms.decoding import Decoding
 from vlgen.loading import DType, ModelRecipe, load_pretrained, torch_dtype
 from vlgen.lora import LoRA, add_lora, merge_lora, merged_state_dict, set_adapters_training
@@ -63,13 +62,8 @@ class HFLanguageModel(LanguageModel):
         lora: LoRA | None,
     ) -> None:
         super().__init__()
-        if lora is not None:  # before any weight is loaded
-            if not frozen:
-                raise ConfigError(
-                    "llm.lora trains adapters beside a frozen LM: set llm.frozen: true (or drop llm.lora to "
-                    "fine-tune the whole LM)"
-                )
-            lora.check("llm.lora")
+        if lora is not None:
+            lora.check("llm.lora", frozen)  # before any weight is loaded
         self.model, self.tokenizer = load_pretrained(
             self.auto_class, name_or_path, gguf_file, dtype, "llm", build_if_missing
         )
@@ -89,6 +83,11 @@ class HFLanguageModel(LanguageModel):
     @property
     def hidden_size(self) -> int:
         return int(self.model.get_input_embeddings().embedding_dim)
+
+    def block_modules(self) -> list[nn.Module]:
+        """The model's decoder layers (encoder and decoder blocks for a seq2seq LM): the classes its
+        ``_no_split_modules`` names."""
+        return no_split_blocks(self.model)
 
     def embed_text(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         table = self.model.get_input_embeddings()

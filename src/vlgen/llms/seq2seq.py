@@ -119,8 +119,10 @@ class Seq2SeqLM(HFLanguageModel):
         labels = [self._target_ids(t) for t in targets]
         length = max(len(lab) for lab in labels)
         label_t = torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels], device=prompts.device)  # [B, T]
-        # Given labels, the model builds its decoder input by shifting them right behind its start token.
-        logits = self.model(inputs_embeds=embeds, attention_mask=mask, labels=label_t).logits  # [B, T, V]
+        # Given labels, the model builds its decoder input by shifting them right behind its start token. No cache: a
+        # checkpointed decoder block replayed in the backward would write its keys into it twice.
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, labels=label_t, use_cache=False)
+        logits = out.logits  # [B, T, V]
         return target_loss(logits, label_t, weights)
 
     # --- generation ---------------------------------------------------------------------------------------------

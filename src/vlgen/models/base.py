@@ -20,7 +20,16 @@ Guards (each stop is a :class:`~vlgen.errors.RunStopped` with one line; under DD
   the first ``EMPTY_BATCHES_TO_STOP`` training batches of an epoch when none held a usable sample, and a validation
   during training that follows only unusable training batches (before a checkpoint is written).
 * A training batch with no usable sample takes no optimiser step. Under DDP its rank still returns a zero loss
-  connected to every trainable parameter, so the gradient all-reduce matches the other ranks'.
+  connected to every trainable parameter, so the gradient all-reduce matches the other ranks'. Sharded (FSDP2), every
+  rank must run the same forward (its gathers), so every rank skips the step when any rank's batch is empty.
+
+Sharding: under Lightning's ``ModelParallelStrategy`` (FSDP2, e.g. ``configs/cluster/cpu_fsdp2.yaml``)
+:meth:`VLModule.configure_model` shards every component's blocks and then the module itself (:mod:`vlgen.sharding`);
+under any other strategy it only applies ``activation_checkpointing``. A sharded run's checkpoint
+(``save_distributed_checkpoint: false``) is the consolidated lean checkpoint a one-process run writes: the trainable
+weights (gathered on rank 0), the optimiser state (gathered too), the fingerprint of the frozen weights (taken before
+sharding). It resumes under the same strategy (Lightning loads it, the frozen weights left as built) and loads in one
+process for ``vlgen test`` or ``vlgen.load``.
 """
 
 from __future__ import annotations
@@ -37,8 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vlgen import artifacts
-from vlgen.dist import gather_objects, rank, world_size
+from vlgen import artifacts, sharding
+from vlgen.dist import broadcast_from_zero, gather_objects, rank, world_size
 from vlgen.errors import ConfigError, RunStopped
 from vlgen.interfaces import BridgeOutput, count_parameters
 from vlgen.loading import load_checked, read_checkpoint
@@ -98,6 +107,9 @@ class VLModule(pl.LightningModule, ABC):
         nonfinite: what a non-finite training loss or gradient does: ``stop`` the run with one line naming the step,
             the terms and the samples (before the optimiser step), or ``skip`` the step (no update; counted and
             logged as ``train/nonfinite_skipped``).
+        activation_checkpointing: recompute the activations of the components' blocks in the backward instead of
+            keeping them (less memory, about one more forward of those blocks): ``true`` for every component with
+            blocks, or the components by name (``[llm]``, ``[encoder, bridge]``); any strategy.
     """
 
     def __init__(
@@ -105,12 +117,15 @@ class VLModule(pl.LightningModule, ABC):
         optim: Optim | None = None,
         objectives: list[Objective] | None = None,
         nonfinite: Literal["stop", "skip"] = "stop",
+        activation_checkpointing: bool | list[str] = False,
     ) -> None:
         super().__init__()
         if nonfinite not in ("stop", "skip"):
             raise ConfigError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.optim = optim or Optim()
         self.nonfinite = nonfinite
+        self.activation_checkpointing = activation_checkpointing
+        self._configured = False  # configure_model ran (Lightning calls it again for each trainer entry point)
         self.strict_loading = False  # frozen weights are rebuilt from the config, not read from the checkpoint
         self.skip_counts = dict.fromkeys(SPLITS, 0)  # unreadable samples this epoch, this rank, per split
         self.usable_counts = dict.fromkeys(SPLITS, 0)  # usable samples this epoch, this rank, per split
@@ -123,6 +138,27 @@ class VLModule(pl.LightningModule, ABC):
         self.objectives = nn.ModuleList(objectives or [])
         self.loss_weights: dict[str, float] = {}  # the subclass's own terms; objectives carry their weight
         self._parts: ModelParts | None = None
+
+    # --- sharding -------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Apply ``activation_checkpointing`` to the components' blocks and, when the strategy gives a device mesh
+        (Lightning's ``ModelParallelStrategy``), shard the model with FSDP2 over its data-parallel dimension
+        (:mod:`vlgen.sharding`). Once per module: Lightning calls this for every ``fit``, ``test`` ..."""
+        if self._configured:
+            return
+        blocks = sharding.component_blocks(self)
+        mesh = self.device_mesh
+        if mesh is not None and mesh["tensor_parallel"].size() > 1:
+            raise ConfigError(
+                f"trainer.strategy: vlgen shards over data parallelism only (FSDP2), got tensor_parallel_size "
+                f"{mesh['tensor_parallel'].size()}: set data_parallel_size to the number of processes and "
+                "tensor_parallel_size: 1"
+            )
+        sharding.checkpoint_blocks(blocks, self.activation_checkpointing)
+        if mesh is not None:
+            artifacts.pin_frozen_fingerprint(self)  # of the whole frozen weights, which sharding splits up
+            sharding.shard(self, mesh["data_parallel"], [b for found in blocks.values() for b in found])
+        self._configured = True
 
     # --- the training step ----------------------------------------------------------------------------------------
     def build_objectives(self, parts: ModelParts) -> None:
@@ -158,9 +194,15 @@ class VLModule(pl.LightningModule, ABC):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         """The weighted sum of the batch's losses; for a batch without a usable sample, None (no step), or under DDP
-        a zero loss on every trainable parameter so that this rank joins the other ranks' gradient all-reduce."""
+        a zero loss on every trainable parameter so that this rank joins the other ranks' gradient all-reduce.
+        Sharded, a step where any rank's batch has no usable sample is skipped by every rank (a zero loss that
+        reaches no weight: Lightning takes no None from a distributed step)."""
         self._epoch_batches += 1
-        if self.count_skipped(batch, "train"):
+        empty = self.count_skipped(batch, "train")
+        if sharding.is_sharded(self):  # every rank runs the same forward (its gathers) or none does
+            if sharding.any_rank(empty, self.device):  # a loss of nothing: no unit runs, no weight gets a gradient
+                return torch.zeros((), device=self.device, requires_grad=True)
+        elif empty:
             return None if world_size() == 1 else self._zero_loss()
         losses = self.training_losses(batch)
         first = next(iter(losses.values()))
@@ -193,10 +235,13 @@ class VLModule(pl.LightningModule, ABC):
 
         One all-reduce of three numbers under DDP, so every rank takes the same decision.
         """
+        if sharding.is_sharded(self):  # the weights FSDP2 left whole (scalars): their gradients averaged as DDP does
+            sharding.average_replicated_gradients(self)
         pending, self._pending = self._pending, []
         usable, self._step_usable = self._step_usable, 0
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
+        # This rank's shards when sharded: the all-reduce of the flags below makes the verdict the whole gradient's.
+        grads = [g for p in params if p.grad is not None and (g := sharding.local(p.grad)).numel()]
         flags = torch.tensor([0, 0, usable], dtype=torch.long, device=self.device)  # bad losses, bad grads, usable
         for entry in pending:
             flags[0] += (~torch.isfinite(entry["values"])).any().to(self.device)
@@ -231,8 +276,13 @@ class VLModule(pl.LightningModule, ABC):
             head = ""
         else:  # a finite loss with a non-finite gradient (the same on every rank): name the first such weight
             names = {id(p): n for n, p in self.named_parameters()}
-            bad = (names.get(id(p), "?") for p in params if p.grad is not None and not p.grad.isfinite().all())
-            head = f"gradient of {next(bad, '?')} from a finite loss"
+            bad = (
+                names.get(id(p)) for p in params if p.grad is not None and not sharding.local(p.grad).isfinite().all()
+            )
+            first = next(bad, None)
+            if sharding.is_sharded(self):  # each rank looked at its own shards
+                first = next((n for n in gather_objects([first]) if n is not None), None)
+            head = f"gradient of {first or '?'} from a finite loss"
             ids = [i for e in pending for i in (e["ids"] or [])]
             what = [f"rank {on_rank}:{_ids_text(ids)}" if on_rank is not None else _ids_text(ids)] if ids else []
         if world_size() > 1:
@@ -294,6 +344,8 @@ class VLModule(pl.LightningModule, ABC):
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()]
+        if sharding.is_sharded(self):  # rank 0 alone holds the gathered weights: its verdict is every rank's
+            bad = broadcast_from_zero(bad)
         if bad:  # identical weights on every rank, so every rank stops here
             raise RunStopped(
                 f"step {checkpoint.get('global_step', '?')}: {len(bad)} trainable weights are not finite (e.g. "
@@ -307,8 +359,11 @@ class VLModule(pl.LightningModule, ABC):
         artifacts.describe_checkpoint(self, checkpoint)  # the model config and the frozen parts' fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("state_dict")
+        if saved is None:  # ModelParallelStrategy loaded the weights into the shards and took them out of the dict
+            saved = _saved_weight_names(self.trainer.ckpt_path)
         missing = sorted(k for n, p in self.named_parameters() if p.requires_grad for k in [n])
-        missing = [k for k in missing if k not in checkpoint["state_dict"]]
+        missing = [k for k in missing if k not in saved]
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}")
         artifacts.check_frozen(self, checkpoint)  # one warning line when the frozen parts are not the saved ones
@@ -454,6 +509,13 @@ def _numpy_state() -> tuple[str, torch.Tensor, int, int, float]:
     """NumPy's global generator state with its key array as a tensor (loadable with ``weights_only=True``)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
+
+
+def _saved_weight_names(path: Any) -> set[str]:
+    """The names of the weights a checkpoint file holds, read without loading them (memory-mapped)."""
+    if path is None:
+        return set()
+    return set(read_checkpoint(path, "--ckpt_path", mmap=True)["state_dict"])
 
 
 def _all_frozen(module: nn.Module) -> bool:

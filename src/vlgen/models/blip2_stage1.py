@@ -65,6 +65,8 @@ class Blip2Stage1(VLModule):
             logged as ``align``); the first that names an LLM width sizes the projection to it.
         nonfinite: what a non-finite training loss or gradient does: ``stop`` the run (one line naming the step, the
             terms and the samples) or ``skip`` the step (:class:`~vlgen.models.VLModule`).
+        activation_checkpointing: recompute the activations of the components' blocks in the backward instead of
+            keeping them: ``true`` for all, or the components by name, e.g. ``[llm]`` (:class:`~vlgen.models.VLModule`).
     """
 
     def __init__(
@@ -81,8 +83,9 @@ class Blip2Stage1(VLModule):
         optim: Optim | None = None,
         objectives: list[Objective] | None = None,
         nonfinite: Literal["stop", "skip"] = "stop",
+        activation_checkpointing: bool | list[str] = False,
     ) -> None:
-        super().__init__(optim, objectives, nonfinite)
+        super().__init__(optim, objectives, nonfinite, activation_checkpointing)
         if qformer.tokenizer is None:
             raise ConfigError("model.qformer.text_input must be true for BLIP-2 stage 1 (ITC, ITM and ITG read text)")
         if max_text_len > qformer.config.max_position_embeddings:

@@ -75,6 +75,8 @@ class Captioner(VLModule):
             terms and the samples) or ``skip`` the step (:class:`~vlgen.models.VLModule`).
         gallery_size: test samples shown in ``gallery.html`` (the first ones, with a thumbnail each); 0 writes no
             gallery.
+        activation_checkpointing: recompute the activations of the components' blocks in the backward instead of
+            keeping them: ``true`` for all, or the components by name, e.g. ``[llm]`` (:class:`~vlgen.models.VLModule`).
     """
 
     def __init__(
@@ -92,8 +94,9 @@ class Captioner(VLModule):
         blank_images: bool = False,
         nonfinite: Literal["stop", "skip"] = "stop",
         gallery_size: int = 200,
+        activation_checkpointing: bool | list[str] = False,
     ) -> None:
-        super().__init__(optim, objectives, nonfinite)
+        super().__init__(optim, objectives, nonfinite, activation_checkpointing)
         if gallery_size < 0:
             raise ConfigError(f"model.gallery_size must be 0 (no gallery) or more, got {gallery_size}")
         if prompt_template.count("{}") != 1:

@@ -87,6 +87,8 @@ class PFormerStage0(VLModule):
         optim: optimiser and schedule.
         nonfinite: what a non-finite training loss or gradient does: ``stop`` the run (one line naming the step and
             the terms) or ``skip`` the step (:class:`~vlgen.models.VLModule`).
+        activation_checkpointing: recompute the activations of the components' blocks in the backward instead of
+            keeping them: ``true`` for all, or the components by name, e.g. ``[llm]`` (:class:`~vlgen.models.VLModule`).
     """
 
     def __init__(
@@ -103,8 +105,9 @@ class PFormerStage0(VLModule):
         num_logged_samples: int = 4,
         optim: Optim | None = None,
         nonfinite: Literal["stop", "skip"] = "stop",
+        activation_checkpointing: bool | list[str] = False,
     ) -> None:
-        super().__init__(optim, nonfinite=nonfinite)
+        super().__init__(optim, nonfinite=nonfinite, activation_checkpointing=activation_checkpointing)
         if pformer.frozen:
             raise ConfigError("model.pformer.frozen must be false in stage 0: the P-Former is what trains")
         if not 0.0 <= mask_prob < 1.0:

@@ -16,9 +16,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from vlgen.interfaces import Bridge, BridgeOutput, CaptionBatch, LanguageModel, VisualEncoder
+from vlgen.interfaces import Bridge, BridgeOutput, CaptionBatch, HasBlocks, LanguageModel, VisualEncoder
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ModelParts:
     llm: LanguageModel | None = None
 
 
-class Objective(nn.Module, ABC):
+class Objective(HasBlocks, ABC):
     """An auxiliary loss with its own weight.
 
     Subclasses set ``name`` (the logged key, unique within a model) and take ``weight`` as their first argument.

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from vlgen.dist import gather_with_grad, rank
 from vlgen.errors import ConfigError
-from vlgen.interfaces import BridgeOutput, CaptionBatch, LanguageModel, all_real, masked_mean
+from vlgen.interfaces import BridgeOutput, CaptionBatch, LanguageModel, all_real, masked_mean, no_split_blocks
 from vlgen.loading import load_pretrained
 from vlgen.objectives.base import ModelParts, Objective
 
@@ -125,6 +125,10 @@ class SentenceContrast(PooledContrast):
         self.encoder.requires_grad_(False)
         self.encoder.eval()
         self.max_length = max_length
+
+    def block_modules(self) -> list[nn.Module]:
+        """The frozen sentence encoder's blocks (its ``_no_split_modules``)."""
+        return no_split_blocks(self.encoder)
 
     def train(self, mode: bool = True) -> SentenceContrast:
         super().train(mode)
