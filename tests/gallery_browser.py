@@ -30,7 +30,8 @@ def chromium_binary() -> str:
 def chromium(page: Path, fragment: str, profile: Path, *args: str) -> str:
     """Open ``page`` (with ``fragment``, e.g. ``#sort=score-desc``) from disk in headless Chromium with ``args``,
     in its own profile directory (parallel runs do not share one); its stdout."""
-    command = [chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    command = [chromium_binary(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    command += ["--hide-scrollbars"]
     command += [f"--user-data-dir={profile}", "--no-first-run", "--virtual-time-budget=5000", *args]
     proc = subprocess.run([*command, page.as_uri() + fragment], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
