@@ -140,8 +140,8 @@ def target_names(model: nn.Module, targets: list[str] | str, option: str, what: 
 
 
 def add_lora(model: nn.Module, lora: LoRA, option: str, what: str) -> int:
-    """Wrap the layers ``lora`` picks in ``model`` with LoRA adapters, in place; only the adapters (and the biases
-    ``lora.bias`` names) stay trainable.
+    """Freeze ``model`` (eval mode too) and wrap the layers ``lora`` picks with LoRA adapters, in place; only the
+    adapters (and the biases ``lora.bias`` names) train.
 
     Args:
         model: the module to adapt (its class and attributes are kept).
@@ -158,7 +158,8 @@ def add_lora(model: nn.Module, lora: LoRA, option: str, what: str) -> int:
     config = peft.LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names, bias=lora.bias
     )
-    model.requires_grad_(False)
+    model.requires_grad_(False)  # the base frozen, and in eval mode (its own dropout off), before the adapters go in
+    model.eval()
     try:
         with warnings.catch_warnings():  # GPT-2's Conv1D layers: peft switches fan_in_fan_out on itself and says so
             warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")

@@ -78,6 +78,19 @@ def trainer(steps: int, every: int, **kw) -> dict:
             "enable_progress_bar": False, **kw}  # fmt: skip
 
 
+def image_override(built: Path, steps: int) -> dict:
+    """The tiny linear config on the small shapes world of ``built``: batches of 8, one worker, a checkpoint-friendly
+    log cadence of 4, the schedule over ``steps``."""
+    return {
+        "trainer": trainer(steps, 4),
+        "model": {"init_args": {"encoder": {"init_args": {"checkpoint_path": str(built / "encoder.pth")}},
+                                "llm": {"init_args": {"name_or_path": str(built / "lm")}},
+                                "optim": {"warmup_steps": 5, "max_steps": steps}}},
+        "data": {"init_args": {"root": str(built / "shapes"), "generate": None, "batch_size": 8,
+                               "eval_batch_size": 8, "num_workers": 1}},
+    }  # fmt: skip
+
+
 def write_args(work: Path, override: dict, config: Path) -> list[str]:
     (work / "override.yaml").write_text(yaml.safe_dump(override))
     return ["--config", str(config), "--config", str(work / "override.yaml")]
@@ -88,15 +101,7 @@ def test_image_folder_module_resumes_bitwise_after_kill_9(tmp_path, built):
     """120 pairs in batches of 8, one dataloader worker: 15 steps an epoch; killed after its checkpoint at step 8,
     resumed there, compared at step 24 (the rest of epoch 0, then epoch 1, whose order and augmentations count too)."""
     steps = 24
-    override = {
-        "trainer": trainer(steps, 4),
-        "model": {"init_args": {"encoder": {"init_args": {"checkpoint_path": str(built / "encoder.pth")}},
-                                "llm": {"init_args": {"name_or_path": str(built / "lm")}},
-                                "optim": {"warmup_steps": 5, "max_steps": steps}}},
-        "data": {"init_args": {"root": str(built / "shapes"), "generate": None, "batch_size": 8,
-                               "eval_batch_size": 8, "num_workers": 1}},
-    }  # fmt: skip
-    kill_resume_and_compare(tmp_path, write_args(tmp_path, override, TINY), steps, 4, kill_after=8)
+    kill_resume_and_compare(tmp_path, write_args(tmp_path, image_override(built, steps), TINY), steps, 4, kill_after=8)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 from cli_helpers import REPO, vlgen
-from test_resume_cli import TINY, checkpoints, trainable, trainer, write_args
+from test_resume_cli import TINY, checkpoints, image_override, trainable, write_args
 
 CLUSTER = REPO / "configs" / "cluster" / "slurm_ddp.yaml"
 ON_CPU = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.strategy", "auto"]
@@ -39,15 +39,7 @@ def slurm_env(work: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_a_requeued_slurm_job_resumes_bitwise(tmp_path, built):
     steps = 24
-    override = {
-        "trainer": trainer(steps, 4),
-        "model": {"init_args": {"encoder": {"init_args": {"checkpoint_path": str(built / "encoder.pth")}},
-                                "llm": {"init_args": {"name_or_path": str(built / "lm")}},
-                                "optim": {"warmup_steps": 5, "max_steps": steps}}},
-        "data": {"init_args": {"root": str(built / "shapes"), "generate": None, "batch_size": 8,
-                               "eval_batch_size": 8, "num_workers": 1}},
-    }  # fmt: skip
-    args = write_args(tmp_path, override, TINY)
+    args = write_args(tmp_path, image_override(built, steps), TINY)
     for run in ("straight", "slurm"):
         (tmp_path / f"{run}.yaml").write_text(
             yaml.safe_dump({"trainer": {"callbacks+": checkpoints(4, tmp_path / run)}})

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from vlgen.errors import ConfigError
-from vlgen.interfaces import VisualEncoder, freeze, set_frozen
+from vlgen.interfaces import VisualEncoder, set_frozen
 from vlgen.loading import DType, EncoderRecipe, torch_dtype
 from vlgen.lora import LoRA, add_lora, set_adapters_training
 
@@ -118,7 +118,6 @@ class TimmEncoder(VisualEncoder):
         if lora is None:
             set_frozen(self.model, frozen, f"encoder {name}")
         else:
-            freeze(self.model)
             add_lora(self.model, lora, "encoder.lora", f"encoder {name}")
 
     @property

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlgen.interfaces import LanguageModel, freeze, no_split_blocks, set_frozen
+from vlgen.interfaces import LanguageModel, no_split_blocks, set_frozen
 from vlgen.llms.decoding import Decoding
 from vlgen.loading import DType, ModelRecipe, load_pretrained, torch_dtype
 from vlgen.lora import LoRA, add_lora, merge_lora, merged_state_dict, set_adapters_training
@@ -77,7 +77,6 @@ class HFLanguageModel(LanguageModel):
         if lora is None:
             set_frozen(self.model, frozen, f"llm {name_or_path}")
         else:
-            freeze(self.model)
             add_lora(self.model, lora, "llm.lora", f"llm {name_or_path}")
 
     @property
