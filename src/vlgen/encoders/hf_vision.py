@@ -22,7 +22,15 @@ from torchvision import transforms as T
 
 from vlgen.errors import ConfigError
 from vlgen.interfaces import VisualEncoder, set_frozen
-from vlgen.loading import DType, blip2_config, dtype_kwarg, load_part, resolve_name_or_path
+from vlgen.loading import (
+    DType,
+    as_autocast_leaves,
+    blip2_config,
+    dtype_kwarg,
+    load_part,
+    own_precision,
+    resolve_name_or_path,
+)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -91,8 +99,8 @@ class HFBlip2Vision(VisualEncoder):
 
     def forward(self, pixels: Tensor) -> Tensor:
         dtype = self.model.embeddings.patch_embedding.weight.dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            return self.model(pixel_values=pixels.to(dtype)).last_hidden_state  # [B, 1 + N, D]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen), own_precision(dtype, pixels.device):
+            return as_autocast_leaves(self.model(pixel_values=pixels.to(dtype)).last_hidden_state)  # [B, 1 + N, D]
 
 
 def _preprocessing(path: str, config: Any) -> tuple[int, tuple[float, ...], tuple[float, ...]]:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from vlgen.errors import ConfigError
 from vlgen.interfaces import VisualEncoder, set_frozen
-from vlgen.loading import DType, EncoderRecipe, torch_dtype
+from vlgen.loading import DType, EncoderRecipe, as_autocast_leaves, own_precision, torch_dtype
 from vlgen.lora import LoRA, add_lora, set_adapters_training
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,7 @@ class TimmEncoder(VisualEncoder):
             self.model.blocks = nn.Sequential(*list(blocks)[: len(blocks) - drop_last_blocks])
         if not final_norm and hasattr(self.model, "norm"):
             self.model.norm = nn.Identity()
-        self.dtype = torch_dtype(dtype)
-        self.model.to(self.dtype)
+        self.model.to(torch_dtype(dtype))
         self.frozen = frozen
         self.feature_stage = feature_stage
         if feature_stage is not None:
@@ -143,6 +142,11 @@ class TimmEncoder(VisualEncoder):
         config.update(self.transform_overrides)
         return timm.data.create_transform(**config, is_training=train and self.train_augment)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the backbone's weights have now (the configured one, or a strategy's cast); pixels go in so."""
+        return next(self.model.parameters()).dtype
+
     def train(self, mode: bool = True) -> TimmEncoder:
         # A frozen encoder stays in eval mode whatever Lightning asks (dropout, drop-path and norm statistics off).
         super().train(mode and not self.frozen)
@@ -153,7 +157,8 @@ class TimmEncoder(VisualEncoder):
     def forward(self, pixels: Tensor) -> Tensor:
         # A frozen backbone needs no graph unless modules inserted into it train (a video encoder's temporal ones).
         needs_grad = not self.frozen or any(p.requires_grad for p in self.model.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
+        grad = torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad)
+        with grad, own_precision(self.dtype, pixels.device):
             if self.feature_stage is None:
                 tokens = self.model.forward_features(pixels.to(self.dtype))  # [B, N, D] ViTs, [B, D, h, w] CNNs
             else:  # [B, D, h, w] for CNNs and ViTs alike (a ViT's prefix tokens left out); later stages not run
@@ -161,4 +166,4 @@ class TimmEncoder(VisualEncoder):
                 tokens = self.model.forward_intermediates(pixels.to(self.dtype), **kwargs)[0]
         if tokens.ndim == 4:
             tokens = tokens.flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D]
-        return tokens
+        return as_autocast_leaves(tokens)

@@ -24,7 +24,7 @@ from vlgen.errors import ConfigError
 from vlgen.interfaces import all_real
 from vlgen.llms.decoding import Decoding
 from vlgen.llms.hf import HFLanguageModel, target_loss
-from vlgen.loading import DType, ModelRecipe
+from vlgen.loading import DType, ModelRecipe, own_precision
 from vlgen.lora import LoRA
 
 
@@ -164,7 +164,8 @@ class CausalLM(HFLanguageModel):
         # No key-value cache: one pass needs none, and a layer whose activations are checkpointed would write its keys
         # into it a second time when the backward replays it.
         kept = {self._keep_arg: keep} if self._keep_arg else {}
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **kept)
+        with own_precision(self.dtype, device):
+            out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **kept)
         logits = out.logits[:, -keep:]  # [B, keep, V]
         shifted = labels[:, length - keep + 1 :]  # [B, keep - 1]: what each kept position but the last predicts
         return target_loss(logits[:, :-1], shifted, weights)
@@ -189,13 +190,14 @@ class CausalLM(HFLanguageModel):
             if row:
                 embeds[i, start + len(real[i]) :] = self._embed(torch.tensor(row, device=device))
             mask[i, start:] = 1
-        out = self.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            **self.generate_kwargs(decoding),
-        )
+        with own_precision(self.dtype, device):
+            out = self.model.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                **self.generate_kwargs(decoding),
+            )
         # With inputs_embeds only, decoder-only generate returns the new tokens alone.
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 

@@ -16,12 +16,13 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlgen.interfaces import LanguageModel, no_split_blocks, set_frozen
 from vlgen.llms.decoding import Decoding
-from vlgen.loading import DType, ModelRecipe, load_pretrained, torch_dtype
+from vlgen.loading import DType, ModelRecipe, load_pretrained
 from vlgen.lora import LoRA, add_lora, merge_lora, merged_state_dict, set_adapters_training
 
 
@@ -71,7 +72,6 @@ class HFLanguageModel(LanguageModel):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.decoding = decoding or Decoding()
         self.max_target_tokens = max_target_tokens
-        self.dtype = torch_dtype(dtype)
         self.frozen = frozen
         self.lora = lora
         if lora is None:
@@ -87,6 +87,12 @@ class HFLanguageModel(LanguageModel):
         """The model's decoder layers (encoder and decoder blocks for a seq2seq LM): the classes its
         ``_no_split_modules`` names."""
         return no_split_blocks(self.model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the LM's weights have now: the configured one, or what a strategy cast them to (DeepSpeed's
+        bf16 casts the whole model); prompts are cast to it."""
+        return self.model.get_input_embeddings().weight.dtype
 
     def embed_text(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         table = self.model.get_input_embeddings()

@@ -17,7 +17,7 @@ from torch import Tensor
 from vlgen.interfaces import all_real
 from vlgen.llms.decoding import Decoding
 from vlgen.llms.hf import HFLanguageModel, target_loss
-from vlgen.loading import DType, ModelRecipe
+from vlgen.loading import DType, ModelRecipe, own_precision
 from vlgen.lora import LoRA
 
 
@@ -121,7 +121,8 @@ class Seq2SeqLM(HFLanguageModel):
         label_t = torch.tensor([lab + [-100] * (length - len(lab)) for lab in labels], device=prompts.device)  # [B, T]
         # Given labels, the model builds its decoder input by shifting them right behind its start token. No cache: a
         # checkpointed decoder block replayed in the backward would write its keys into it twice.
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, labels=label_t, use_cache=False)
+        with own_precision(self.dtype, embeds.device):
+            out = self.model(inputs_embeds=embeds, attention_mask=mask, labels=label_t, use_cache=False)
         logits = out.logits  # [B, T, V]
         return target_loss(logits, label_t, weights)
 
@@ -131,12 +132,13 @@ class Seq2SeqLM(HFLanguageModel):
         self, prompts: Tensor, prompt_mask: Tensor | None, prefixes: list[str], decoding: Decoding | None = None
     ) -> list[str]:
         embeds, mask = self._encoder_inputs(prompts, prompt_mask, [self._prefix_ids(p) for p in prefixes])
-        out = self.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            **self.generate_kwargs(decoding),
-        )
+        with own_precision(self.dtype, embeds.device):
+            out = self.model.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                **self.generate_kwargs(decoding),
+            )
         # Encoder-decoder generate returns the decoder start token first; it is a special token and is dropped.
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

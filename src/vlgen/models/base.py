@@ -39,6 +39,7 @@ import math
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -363,7 +364,7 @@ class VLModule(pl.LightningModule, ABC):
         if saved is None:  # ModelParallelStrategy loaded the weights into the shards and took them out of the dict
             saved = _saved_weight_names(self.trainer.ckpt_path)
         missing = sorted(k for n, p in self.named_parameters() if p.requires_grad for k in [n])
-        missing = [k for k in missing if k not in saved]
+        missing = [] if saved is None else [k for k in missing if k not in saved]
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trainable weights, e.g. {missing[:3]}")
         artifacts.check_frozen(self, checkpoint)  # one warning line when the frozen parts are not the saved ones
@@ -511,10 +512,13 @@ def _numpy_state() -> tuple[str, torch.Tensor, int, int, float]:
     return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
 
 
-def _saved_weight_names(path: Any) -> set[str]:
-    """The names of the weights a checkpoint file holds, read without loading them (memory-mapped)."""
+def _saved_weight_names(path: Any) -> set[str] | None:
+    """The names of the weights a checkpoint file holds, read without loading them (memory-mapped); None for a
+    checkpoint directory (DeepSpeed's), whose engine loaded the weights it holds itself."""
     if path is None:
         return set()
+    if Path(path).is_dir():
+        return None
     return set(read_checkpoint(path, "--ckpt_path", mmap=True)["state_dict"])
 
 
