@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from train_step import matmul_peak  # bench/ is on the path when a bench runs
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "configs" / "models"
@@ -321,17 +322,6 @@ def human(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}" if unit != "T" else f"{n / size:.2f}T"
     return f"{n:.0f}"
-
-
-def matmul_peak(dtype: torch.dtype) -> float:
-    """This machine's matmul throughput (FLOP/s) in ``dtype`` on a 2048 x 2560 x 2560 product (OPT-2.7B's width),
-    the yardstick of the model FLOP utilisation."""
-    a, b = torch.randn(2048, 2560, dtype=dtype), torch.randn(2560, 2560, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    return 10 * 2 * 2048 * 2560 * 2560 / (time.perf_counter() - start)
 
 
 def table(results: list[dict[str, Any]], peaks: dict[str, float]) -> str:
