@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from vlgen.bridges import MLPProjector
+from vlgen.callbacks import GroundingMonitor
 from vlgen.encoders import TimmEncoder
 from vlgen.errors import RunStopped
 from vlgen.llms import CausalLM, Decoding
@@ -44,7 +45,7 @@ def model(llm_dir: str) -> Captioner:
     return Captioner(enc, MLPProjector(), llm, optim=Optim(lr=1e-2, warmup_steps=0, weight_decay=0.0))
 
 
-def fit(m: Captioner, batches: list[dict], strategy: str = "ddp") -> pl.Trainer:
+def fit(m: Captioner, batches: list[dict], strategy: str = "ddp", callbacks: list | None = None) -> pl.Trainer:
     """Fit one epoch; the default DistributedSampler (no shuffling) gives rank r the batches r, r + 2, ..."""
     timeout = timedelta(seconds=60)
     if strategy == "fsdp2":
@@ -62,6 +63,7 @@ def fit(m: Captioner, batches: list[dict], strategy: str = "ddp") -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        callbacks=callbacks,
     )
     trainer.fit(m, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return trainer
@@ -86,9 +88,14 @@ def main() -> None:
     m = model(args.llm)
     result["initial"] = bridge_weights(m)
     # rank 0: batches 0 and 2 (readable); rank 1: batches 1 and 3 (every sample unreadable)
+    monitor = GroundingMonitor(every_n_steps=1, warmup_steps=0, attention=False)  # a check after every batch
     trainer = fit(
-        m, [batch(["s0", "s1"]), batch([], skipped=2), batch(["s2", "s3"]), batch([], skipped=2)], args.strategy
+        m,
+        [batch(["s0", "s1"]), batch([], skipped=2), batch(["s2", "s3"]), batch([], skipped=2)],
+        args.strategy,
+        [monitor],
     )
+    result["grounding_checks"] = len(monitor.history)
     result["global_step"] = trainer.global_step
     result["train_skipped"] = float(trainer.callback_metrics["train/skipped"])
     result["trained"] = bridge_weights(m)

@@ -236,6 +236,7 @@ def test_fsdp2_a_step_with_an_empty_rank_is_skipped_by_all_and_a_nan_stops_both(
     for r in ranks:
         assert r["train_skipped"] == 4.0 and r["finite"]
         assert r["trained"] == r["initial"]  # rank 1 had nothing at either step: nobody stepped
+        assert r["grounding_checks"] == 0  # the monitor's sharded passes are skipped by both ranks, not one
     assert ranks[0]["stopped"] == ranks[1]["stopped"]
     assert ranks[0]["stopped"].startswith("training step 0 (epoch 0): non-finite rank 1: loss=nan lm_loss=nan")
     assert all(r["unchanged"] for r in ranks)

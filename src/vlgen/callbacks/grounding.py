@@ -32,6 +32,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
+from vlgen import sharding
+from vlgen.dist import gather_objects
 from vlgen.errors import ConfigError
 from vlgen.interfaces import BridgeOutput
 
@@ -94,7 +96,10 @@ class GroundingMonitor(Callback):
         step = trainer.global_step  # optimiser steps done, this batch's included
         if step % self.every_n_steps or not hasattr(pl_module, "lm_loss") or not isinstance(batch, dict):
             return
-        if not batch.get("captions"):  # every sample of the batch unreadable
+        usable = bool(batch.get("captions"))  # False: every sample of the batch was unreadable
+        if sharding.is_sharded(pl_module):  # the passes below gather sharded weights: all ranks run them, or none
+            usable = all(gather_objects([usable]))
+        if not usable:
             return
         start = time.perf_counter()
         figures = grounding_figures(pl_module, batch, attention=self.attention)
