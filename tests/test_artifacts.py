@@ -23,11 +23,15 @@ VIT = {"img_size": 32, "patch_size": 16, "depth": 1, "embed_dim": 32, "num_heads
 TRANSFORM = {"input_size": [3, 32, 32], "crop_pct": 1.0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
 
-def model_config(llm_dir: Path) -> dict:
+def model_config(llm_dir: Path, encoder_lora: dict | None = None, llm_lora: dict | None = None) -> dict:
     """A tiny Captioner: a frozen random ViT (seeded, so every build has the same weights), an MLP bridge, and the
-    frozen tiny Llama of ``llm_dir``."""
+    frozen tiny Llama of ``llm_dir``; with ``encoder_lora`` / ``llm_lora``, adapters on the ViT / the Llama."""
     encoder = {"name": "vit_tiny_patch16_224", "model_kwargs": VIT, "init_seed": 0, "transform": TRANSFORM}
     llm = {"name_or_path": str(llm_dir), "decoding": {"max_new_tokens": 4}}
+    if encoder_lora is not None:
+        encoder["lora"] = encoder_lora
+    if llm_lora is not None:
+        llm["lora"] = llm_lora
     return {
         "class_path": "vlgen.models.Captioner",
         "init_args": {

@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_artifacts import TRANSFORM, VIT  # tests/ is on the path (no package)
+from test_artifacts import model_config as tiny_captioner
 
 import vlgen
 from vlgen import artifacts
@@ -19,26 +21,13 @@ from vlgen.errors import ConfigError
 from vlgen.lora import LoRA, adapter_parameters, has_lora, lora_layers, merged_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
-VIT = {"img_size": 32, "patch_size": 16, "depth": 1, "embed_dim": 32, "num_heads": 2}
-TRANSFORM = {"input_size": [3, 32, 32], "crop_pct": 1.0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 LLAMA_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 def model_config(llm_dir: Path, encoder_lora: dict | None = None) -> dict:
-    """A tiny Captioner: a frozen seeded random ViT (with adapters when ``encoder_lora``), an MLP bridge and the
-    frozen tiny Llama of ``llm_dir`` with rank-4 adapters on every linear layer."""
-    encoder = {"name": "vit_tiny_patch16_224", "model_kwargs": VIT, "init_seed": 0, "transform": TRANSFORM}
-    if encoder_lora is not None:
-        encoder["lora"] = encoder_lora
-    llm = {"name_or_path": str(llm_dir), "decoding": {"max_new_tokens": 4}, "lora": {"r": 4, "alpha": 8}}
-    return {
-        "class_path": "vlgen.models.Captioner",
-        "init_args": {
-            "encoder": {"class_path": "vlgen.encoders.TimmEncoder", "init_args": encoder},
-            "bridge": {"class_path": "vlgen.bridges.MLPProjector"},
-            "llm": {"class_path": "vlgen.llms.CausalLM", "init_args": llm},
-        },
-    }
+    """test_artifacts' tiny Captioner with rank-4 adapters on every linear layer of its Llama (and on the ViT when
+    ``encoder_lora``)."""
+    return tiny_captioner(llm_dir, encoder_lora=encoder_lora, llm_lora={"r": 4, "alpha": 8})
 
 
 def perturb_trainable(module: torch.nn.Module, scale: float = 0.3, seed: int = 1) -> None:
