@@ -5,5 +5,6 @@ from vlgen.callbacks.grounding import GroundingMonitor
 from vlgen.callbacks.merge_ramp import MergeRamp
 from vlgen.callbacks.progress import PlainProgress
 from vlgen.callbacks.requeue import Requeue
+from vlgen.callbacks.time_budget import TimeBudget
 
-__all__ = ["CaptionTable", "GroundingMonitor", "MergeRamp", "PlainProgress", "Requeue"]
+__all__ = ["CaptionTable", "GroundingMonitor", "MergeRamp", "PlainProgress", "Requeue", "TimeBudget"]

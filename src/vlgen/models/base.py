@@ -91,6 +91,19 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@dataclass
+class WarmupCosine:
+    """:func:`warmup_cosine` as a ``LambdaLR`` multiplier whose length can change while training
+    (:class:`~vlgen.callbacks.TimeBudget` sets ``total``); its fields travel in the scheduler's state."""
+
+    warmup: int
+    total: int
+    floor: float
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(step, min(self.warmup, max(0, self.total - 1)), self.total, self.floor)
+
+
 class VLModule(pl.LightningModule, ABC):
     """Base LightningModule: the training-step template, optimiser over trainable parameters, lean checkpoints,
     data-skip accounting.
@@ -327,8 +340,7 @@ class VLModule(pl.LightningModule, ABC):
         opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas)
         total = self.optim.max_steps or int(self.trainer.estimated_stepping_batches)
         floor = self.optim.min_lr / self.optim.lr if self.optim.lr > 0 else 0.0  # lr 0: a run that only looks
-        warmup = min(self.optim.warmup_steps, max(0, total - 1))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total, floor))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(self.optim.warmup_steps, total, floor))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- lean checkpoints -----------------------------------------------------------------------------------------
