@@ -240,3 +240,32 @@ def test_a_given_decoding_replaces_the_models_own(llm):
     for full, one in zip(own, short, strict=True):
         assert len(llm.tokenizer(one, add_special_tokens=False).input_ids) <= 1
         assert full.startswith(one)  # greedy: the first token is the same
+
+
+def test_the_constant_head_is_read_once_and_changes_no_loss_or_gradient(tiny_llm_dir, chat_dir):
+    """The text before the prompts (a chat template's opening, a context) runs once into a key-value cache that
+    every later step starts from: the loss and the prompts' gradient are those of the whole sequence run anew."""
+    for llm in (CausalLM(str(chat_dir), chat_template=True), CausalLM(str(tiny_llm_dir), context="a picture")):
+        torch.manual_seed(8)
+        prompts = torch.randn(3, 4, 64, requires_grad=True)
+        mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+        args = (mask, [" what colour", "", " what shape"], ["red", "a small blue circle", "a circle"])
+        assert llm._head_cacheable()
+        cached = llm.loss(prompts, *args)
+        (grad_cached,) = torch.autograd.grad(cached, prompts)
+        assert llm._head_cache is not None and llm.loss(prompts, *args).item() == pytest.approx(cached.item())
+        llm._head_cacheable = lambda: False  # the whole sequence, every time
+        anew = llm.loss(prompts, *args)
+        (grad_anew,) = torch.autograd.grad(anew, prompts)
+        torch.testing.assert_close(cached, anew, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad_cached, grad_anew, atol=1e-5, rtol=1e-4)
+
+
+def test_no_head_cache_where_the_head_could_change_or_be_replayed(tiny_llm_dir):
+    assert not CausalLM(str(tiny_llm_dir))._head_cacheable()  # no head at all
+    assert not CausalLM(str(tiny_llm_dir), context="a picture", frozen=False)._head_cacheable()  # its weights train
+    checkpointed = CausalLM(str(tiny_llm_dir), context="a picture")
+    from torch.distributed._composable import checkpoint
+
+    checkpoint(checkpointed.model.model.layers[0])  # as model.activation_checkpointing does
+    assert not checkpointed._head_cacheable()

@@ -13,6 +13,7 @@ picture inside a user message."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any, Literal
 
@@ -85,6 +86,7 @@ class CausalLM(HFLanguageModel):
         if self.chat is not None:
             context = self.chat.head
         self._context_ids: list[int] = self.tokenizer(context, add_special_tokens=False).input_ids if context else []
+        self._head_cache: tuple[Any, Any] | None = None  # (device, dtype), keys/values of the constant head
         # HF causal LMs can project only the last positions to the vocabulary (the name changed in 4.50).
         params = inspect.signature(self.model.forward).parameters
         self._keep_arg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
@@ -161,14 +163,44 @@ class CausalLM(HFLanguageModel):
         # Token t is predicted from position t - 1, so no position before the earliest first target predicts one:
         # the vocabulary projection (a large share of a small LM's compute) skips the prompts and prefixes.
         keep = length - min(starts) + 1  # the last `keep` positions
-        # No key-value cache: one pass needs none, and a layer whose activations are checkpointed would write its keys
-        # into it a second time when the backward replays it.
         kept = {self._keep_arg: keep} if self._keep_arg else {}
         with own_precision(self.dtype, device):
-            out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **kept)
+            past = self._constant_head(batch, device) if self._head_cacheable() else None
+            if past is not None:  # the head's keys and values are the same in every row and every step
+                start = past.get_seq_length()
+                out = self.model(inputs_embeds=embeds[:, start:], attention_mask=mask, past_key_values=past, **kept)
+            else:  # no key-value cache: one pass needs none
+                out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False, **kept)
         logits = out.logits[:, -keep:]  # [B, keep, V]
         shifted = labels[:, length - keep + 1 :]  # [B, keep - 1]: what each kept position but the last predicts
         return target_loss(logits[:, :-1], shifted, weights)
+
+    def _head_cacheable(self) -> bool:
+        """Whether the text before the prompts can be read once for all steps: a frozen LM without adapters (its
+        keys and values for that text never change) whose layers are not activation-checkpointed (a replayed layer
+        would append its keys to the cache a second time)."""
+        if not self._context_ids or self.prompt_layout != "prepend" or not self.frozen or self.lora is not None:
+            return False
+        if getattr(self.model, "is_gradient_checkpointing", False):
+            return False
+        try:
+            from torch.distributed._composable.contract import _get_registry
+        except ImportError:  # where torch moved it: no cache rather than a wrong one
+            return False
+        return not any("checkpoint" in (_get_registry(m) or {}) for m in self.model.modules())
+
+    def _constant_head(self, batch: int, device: torch.device) -> Any:
+        """A fresh key-value cache holding the head (``context`` or the chat template's opening) for ``batch`` rows;
+        the head itself is run once per device and dtype."""
+        key = (device, self.dtype)
+        if self._head_cache is None or self._head_cache[0] != key:
+            with torch.no_grad():
+                ids = torch.tensor([self._context_ids], device=device)
+                out = self.model(inputs_embeds=self._embed(ids), use_cache=True)
+            self._head_cache = (key, out.past_key_values)
+        cache = copy.deepcopy(self._head_cache[1])  # the forward appends the row's own keys to it
+        cache.batch_repeat_interleave(batch)
+        return cache
 
     # --- generation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
