@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from vlgen.data.synthetic import Scene, SceneObject, ShapesWorld
-from vlgen.data.synthetic.tiny_encoder import KINDS, ShapesTinyEncoder, recompute_batch_norm, scene_targets
+from vlgen.data.synthetic.tiny_encoder import (
+    KINDS,
+    ShapesTinyEncoder,
+    cell_targets,
+    recompute_batch_norm,
+    scene_targets,
+)
 from vlgen.encoders import TimmEncoder
 from vlgen.loading import EncoderRecipe
 
@@ -21,6 +27,16 @@ def test_targets_mark_exactly_the_kinds_in_the_scene():
     assert targets[KINDS.index(("red", "circle", "small"))] == 1
     assert targets[KINDS.index(("blue", "square", "large"))] == 1
     assert targets[KINDS.index(("blue", "square", "small"))] == 0
+
+
+def test_cell_targets_put_each_kind_in_the_cell_of_its_centre():
+    scene = Scene((SceneObject("circle", "red", "small", 0.1, 0.9), SceneObject("square", "blue", "large", 0.6, 0.3)))
+    cells = cell_targets(scene, 4, 4)  # row-major, as a [D, 4, 4] map flattens
+    assert cells.shape == (16, len(KINDS)) and cells.sum() == 2
+    assert cells[3 * 4 + 0, KINDS.index(("red", "circle", "small"))] == 1  # row 3 (y 0.9), column 0 (x 0.1)
+    assert cells[1 * 4 + 2, KINDS.index(("blue", "square", "large"))] == 1  # row 1 (y 0.3), column 2 (x 0.6)
+    edge = Scene((SceneObject("circle", "red", "small", 1.0, 1.0),))
+    assert cell_targets(edge, 4, 4)[15].sum() == 1  # a centre on the far edge stays in the last cell
 
 
 def test_recomputed_batch_norm_statistics_are_the_exact_averages():
@@ -70,3 +86,17 @@ def test_recipe_learns_the_kinds_in_unseen_pictures(tmp_path):
     assert path.is_file() and not list(tmp_path.glob(".*partial*"))
     # Every scene holds 1-3 objects, so "nothing there" scores 0 and a guess of one fixed set almost 0.
     assert recipe.held_out_accuracy > 0.3
+
+
+@pytest.mark.slow
+def test_the_cell_task_teaches_the_read_map_where_each_kind_is(tmp_path):
+    world = ShapesWorld(seed=0, num_train=1, num_val=1, num_test=1, num_text=1)
+    recipe = ShapesTinyEncoder(world, num_images=1000, steps=250, num_held_out=128, cell_weight=1.0)
+    path = tmp_path / "enc.pth"
+    encoder = TimmEncoder(
+        "test_resnet", checkpoint_path=str(path), transform=TRANSFORM, build_if_missing=recipe, feature_stage=3
+    )
+    assert "cell_weight=1.0" in repr(recipe)
+    # 16 cells x 36 kinds all right in one picture: an untrained head (or one blind to where) gets next to none.
+    assert recipe.held_out_cell_accuracy > 0.3 and recipe.held_out_accuracy > 0.3
+    assert encoder(torch.zeros(1, 3, 64, 64)).shape == (1, 16, encoder.embed_dim)

@@ -97,6 +97,11 @@ class TimmEncoder(VisualEncoder):
             if "Unknown model" in str(err):
                 raise ConfigError(f"encoder.name: timm has no model called {name!r}") from None
             raise
+        self.feature_stage = feature_stage
+        if feature_stage is not None:
+            stages = len(self.model.feature_info)
+            if not 0 <= feature_stage < stages:
+                raise ConfigError(f"encoder.feature_stage must be in 0..{stages - 1} for {name}, got {feature_stage}")
         if build is not None and checkpoint_path is not None:  # train the random model, then read it back
             log.info("encoder.checkpoint_path: %s is missing; building it with %r", checkpoint_path, build)
             build.build(self, Path(checkpoint_path))
@@ -108,11 +113,6 @@ class TimmEncoder(VisualEncoder):
             self.model.norm = nn.Identity()
         self.model.to(torch_dtype(dtype))
         self.frozen = frozen
-        self.feature_stage = feature_stage
-        if feature_stage is not None:
-            stages = len(self.model.feature_info)
-            if not 0 <= feature_stage < stages:
-                raise ConfigError(f"encoder.feature_stage must be in 0..{stages - 1} for {name}, got {feature_stage}")
         self.lora = lora
         if lora is None:
             set_frozen(self.model, frozen, f"encoder {name}")
