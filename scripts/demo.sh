@@ -47,3 +47,6 @@ echo "  VQA results     $OUT/vqa/metrics.json, $OUT/vqa/vqa_submission.json, $OU
 echo "  W&B (offline)   $(ls -d $OUT/wandb/offline-run-* 2>/dev/null | tr '\n' ' ')(upload with: wandb sync DIR)"
 echo -e "\n=== vlgen demo: time per step"
 printf '  %s\n' "${TIMES[@]}"
+if [ -f $OUT/fit/time_budget.json ]; then  # written by the fit's vlgen.callbacks.TimeBudget
+  echo "  training: $("$BIN/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["text"])' $OUT/fit/time_budget.json)"
+fi

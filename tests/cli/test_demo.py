@@ -68,6 +68,9 @@ def test_demo_script_runs_every_step_and_reports(tmp_path):
     assert len(list((runs / "wandb").glob("offline-run-*"))) == 2  # the fit's and the test's, ready for wandb sync
     assert (runs / "fit" / "checkpoints" / "last.ckpt").is_file()
     assert "time per step" in out and "train (world, encoder, SmolLM2 on first use)" in out
+    budget = json.loads((runs / "fit" / "time_budget.json").read_text())  # the training budget says what it reached
+    assert budget["steps"] == 2 and budget["budget_minutes"] > 0
+    assert f"training: 2 steps in {budget['minutes']:.1f} of {budget['budget_minutes']:.1f} budgeted minutes" in out
     # Zero-shot VQA of the captioner and its question-only baseline: three questions per test image, each scored
     for run in ("vqa", "vqa-blank"):
         scores = json.loads((runs / run / "metrics.json").read_text())
