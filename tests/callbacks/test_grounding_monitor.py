@@ -138,3 +138,21 @@ def test_in_a_real_fit_it_logs_every_n_steps_and_changes_nothing(tiny_llm_dir, t
     assert float(rows[0]["train/grounding_gap"]) == pytest.approx(monitor.history[0][1]["grounding_gap"])
     a, b = plain.bridge.state_dict(), watched.bridge.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: the monitor draws no random number, updates nothing
+
+
+def test_attention_mass_is_the_same_when_the_head_before_the_prompts_is_cached(tiny_llm_dir):
+    """An LLM with text before the prompts reads it from a key-value cache in training: the probe still finds the
+    prompts among the positions after the cache and counts the attention the later positions pay them."""
+    llm = CausalLM(str(tiny_llm_dir), context="a picture of")
+    torch.manual_seed(2)
+    prompts = torch.randn(2, 3, llm.hidden_size)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    args = (mask, ["", " what colour"], ["a red circle", "red"])
+    masses = []
+    for cached in (True, False):
+        llm._head_cacheable = lambda cached=cached: cached
+        with attention_probe(llm, prompts) as probe, torch.no_grad():
+            llm.loss(prompts, *args)
+        masses.append(probe.mass)
+    assert llm._head_cache is not None and 0.0 < masses[0] < 1.0
+    assert masses[0] == pytest.approx(masses[1], rel=1e-5)

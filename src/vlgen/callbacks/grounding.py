@@ -218,15 +218,20 @@ def attention_probe(llm: nn.Module, prompts: Tensor | None) -> Iterator[_Probe]:
 
 
 def _prompt_mass(attentions: tuple[Tensor, ...], embeds: Tensor, mask: Tensor | None, prompts: Tensor) -> float:
-    """Mean over layers, heads and the real positions after the last prompt of the attention paid to prompts."""
+    """Mean over layers, heads and the real positions after the last prompt of the attention paid to prompts.
+
+    With a key-value cache of a constant head (:class:`~vlgen.llms.CausalLM` reads a chat opening once), ``embeds``
+    holds the positions after it and the mask and the attention keys cover the head too."""
     flat = prompts.reshape(-1, prompts.shape[-1]).to(embeds.dtype)  # [B*M, D]
     is_prompt = (embeds.unsqueeze(2) == flat.view(1, 1, *flat.shape)).all(-1).any(-1)  # [B, L]
-    real = torch.ones_like(is_prompt) if mask is None else mask.bool()
+    cached = 0 if mask is None else mask.shape[1] - embeds.shape[1]  # positions in the cache, before embeds
+    real = torch.ones_like(is_prompt) if mask is None else mask[:, cached:].bool()
     positions = torch.arange(embeds.shape[1], device=embeds.device)
     last = torch.where(is_prompt, positions, -1).amax(dim=1, keepdim=True)  # [B, 1]
     queries = real & (positions > last) & (last >= 0)  # [B, L]
     if not queries.any():
         return math.nan
-    stacked = torch.stack([a.float() for a in attentions])  # [layers, B, heads, L, L]
-    on_prompts = (stacked * is_prompt[None, :, None, None, :]).sum(-1).mean(dim=(0, 2))  # [B, L]
+    keys = torch.cat([is_prompt.new_zeros(len(is_prompt), cached), is_prompt], dim=1)  # [B, cached + L]
+    stacked = torch.stack([a.float() for a in attentions])  # [layers, B, heads, L, cached + L]
+    on_prompts = (stacked * keys[None, :, None, None, :]).sum(-1).mean(dim=(0, 2))  # [B, L]
     return float(on_prompts[queries].mean())
