@@ -115,3 +115,24 @@ def test_the_spent_time_travels_in_its_state(tmp_path):
 def test_bad_arguments_stop_with_one_line(kwargs):
     with pytest.raises(ConfigError, match="TimeBudget"):
         TimeBudget(**kwargs)
+
+
+def test_every_rank_follows_rank_zeros_plan(tmp_path, monkeypatch):
+    """Under DDP the ranks must stop at the same step: a rank other than 0 decides nothing from its own clock and
+    applies what rank 0 broadcasts (here: a plan of 7 steps at the third step, whatever this rank measured)."""
+    clock = Clock()
+    model = Timed(clock, seconds=0.01)
+    budget = TimeBudget(minutes=10.0, measure_after=1, measure_steps=2)
+    sent = []  # what this rank's callback sends: nothing (Lightning broadcasts paths of its own, passed through)
+
+    def broadcast(obj, src=0):
+        if obj is not None:
+            return obj
+        sent.append(obj)
+        return ("plan", (7, 2.0)) if len(sent) == 3 else None  # rank 0's decisions, as they arrive
+
+    monkeypatch.setattr(pl.Trainer, "is_global_zero", property(lambda self: False))
+    monkeypatch.setattr(pl.strategies.SingleDeviceStrategy, "broadcast", lambda self, obj, src=0: broadcast(obj, src))
+    trainer = fit(model, budget, tmp_path)
+    assert trainer.global_step == 7 and budget.planned == 7 and budget.seconds_per_step == 2.0
+    assert len(sent) == 7  # one decision per step, all of them rank 0's

@@ -29,9 +29,10 @@ class TimeBudget(Callback):
     steps; one at the end says what was reached. The config's ``max_steps`` stays the ceiling: a fast machine does
     not train longer than the config asks.
 
-    The budget counts training time from the first batch (world writing, model loading and the final checkpoint
-    are outside it) and travels in checkpoints, so a resumed run spends only what is left. At the end the run's
-    log directory gets ``time_budget.json``: steps, minutes, the budget, seconds per step.
+    With several processes, rank 0's clock decides and every rank applies its decisions, so all stop at the
+    same step. The budget counts training time from the first batch (world writing, model loading and the final
+    checkpoint are outside it) and travels in checkpoints, so a resumed run spends only what is left. At the end
+    the run's log directory gets ``time_budget.json``: steps, minutes, the budget, seconds per step.
 
     Args:
         minutes: the training budget.
@@ -71,45 +72,53 @@ class TimeBudget(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step, now = trainer.global_step, self.clock()
-        if self._elapsed() >= self.budget_s:
-            if not trainer.should_stop:
-                log.info("time budget: %.1f min spent at step %d; stopping", self.budget_s / 60, step)
+        # Rank 0 decides, from its own clock, and every rank applies the same decision: ranks that planned apart
+        # would wait for each other at the first step only some of them take.
+        decision = self._decide(trainer.global_step) if trainer.is_global_zero else None
+        decision = trainer.strategy.broadcast(decision, src=0)
+        if decision is None:
+            return
+        kind, value = decision
+        if kind == "stop":
             trainer.should_stop = True
             return
-        first = self._mark is None
-        if first and step >= self.measure_after:
-            self._mark = (step, now)
-            return
-        if self._mark is None:
-            return
-        done = step - self._mark[0]
-        if done < (self.measure_steps if self.planned is None else max(1, self.remeasure_every)):
-            return
-        if self.planned is not None and self.remeasure_every == 0:
-            return
-        self.seconds_per_step = (now - self._mark[1]) / done
-        self._mark = (step, now)
-        self._plan(trainer, pl_module, step)
-
-    def _plan(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        assert self.seconds_per_step is not None
-        left = max(0.0, self.budget_s - self._elapsed())
-        planned = step + int(left / self.seconds_per_step)
-        if self._ceiling is not None:
-            planned = min(planned, self._ceiling)
-        previous, self.planned = self.planned, max(planned, step + 1)
+        self.planned, self.seconds_per_step = value
         trainer.fit_loop.epoch_loop.max_steps = self.planned
         for config in trainer.lr_scheduler_configs:
             for fn in getattr(config.scheduler, "lr_lambdas", []):
                 if isinstance(fn, WarmupCosine):
                     fn.total = self.planned
-        if previous is None:
+
+    def _decide(self, step: int) -> tuple[str, Any] | None:
+        """``("stop", None)``, ``("plan", (steps, seconds per step))`` or ``None`` (go on as planned)."""
+        now = self.clock()
+        if self._elapsed() >= self.budget_s:
+            log.info("time budget: %.1f min spent at step %d; stopping", self.budget_s / 60, step)
+            return "stop", None
+        if self._mark is None:
+            if step >= self.measure_after:
+                self._mark = (step, now)
+            return None
+        done = step - self._mark[0]
+        if self.planned is None:
+            if done < self.measure_steps:
+                return None
+        elif self.remeasure_every == 0 or done < self.remeasure_every:
+            return None
+        speed = (now - self._mark[1]) / done
+        self._mark = (step, now)
+        left = max(0.0, self.budget_s - self._elapsed())
+        planned = step + int(left / speed)
+        if self._ceiling is not None:
+            planned = min(planned, self._ceiling)
+        planned = max(planned, step + 1)
+        if self.planned is None:
             log.info(
                 "time budget: %.2f s per step on this machine -> %d steps in %.1f min of training%s",
-                self.seconds_per_step, self.planned, self.budget_s / 60,
-                "" if self._ceiling is None or self.planned < self._ceiling else " (the config's max_steps)",
+                speed, planned, self.budget_s / 60,
+                "" if self._ceiling is None or planned < self._ceiling else " (the config's max_steps)",
             )  # fmt: skip
+        return "plan", (planned, speed)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         minutes, speed = self._elapsed() / 60, self.seconds_per_step

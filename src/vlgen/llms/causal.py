@@ -86,7 +86,7 @@ class CausalLM(HFLanguageModel):
         if self.chat is not None:
             context = self.chat.head
         self._context_ids: list[int] = self.tokenizer(context, add_special_tokens=False).input_ids if context else []
-        self._head_cache: tuple[Any, Any] | None = None  # (device, dtype), keys/values of the constant head
+        self._head_cache: tuple[Any, Any] | None = None  # (device, dtype, autocast), the constant head's keys/values
         # HF causal LMs can project only the last positions to the vocabulary (the name changed in 4.50).
         params = inspect.signature(self.model.forward).parameters
         self._keep_arg = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in params), None)
@@ -191,8 +191,9 @@ class CausalLM(HFLanguageModel):
 
     def _constant_head(self, batch: int, device: torch.device) -> Any:
         """A fresh key-value cache holding the head (``context`` or the chat template's opening) for ``batch`` rows;
-        the head itself is run once per device and dtype."""
-        key = (device, self.dtype)
+        the head itself is run once per device, dtype and autocast setting (the cached keys' dtype follows it)."""
+        autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+        key = (device, self.dtype, autocast)
         if self._head_cache is None or self._head_cache[0] != key:
             with torch.no_grad():
                 ids = torch.tensor([self._context_ids], device=device)
