@@ -28,25 +28,25 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs/demo/shapes_smollm2.yaml"
 
 
-def evaluate(model, loader, facts: dict) -> dict[str, float]:
-    """Fact accuracy (percent) of greedy captions on ``loader``'s pictures: overall and by object count."""
-    from vlgen.data.synthetic import caption_states_facts
+def evaluate(model, loader, root: str, counts: dict[str, int]) -> dict[str, float]:
+    """Fact accuracy (percent) of greedy captions on ``loader``'s pictures: overall and by object count
+    (``counts``: image id -> its number of objects), checked by the world's own fact checker."""
+    from vlgen.report import fact_accuracy
 
-    right: dict[int, list[bool]] = {}
-    samples = []
+    predictions = []
     model.eval()
     with torch.no_grad():
         for batch in loader:
             captions = model.caption(batch["pixels"])
-            for image_id, caption in zip(batch["ids"], captions, strict=True):
-                ok = caption_states_facts(caption, facts[image_id])
-                right.setdefault(len(facts[image_id]["objects"]), []).append(ok)
-                samples.append(caption)
+            predictions += [{"id": i, "caption": c} for i, c in zip(batch["ids"], captions, strict=True)]
     model.train()
-    every = [ok for oks in right.values() for ok in oks]
-    out = {"facts": 100 * sum(every) / len(every)}
-    out.update({f"{n} obj": 100 * sum(oks) / len(oks) for n, oks in sorted(right.items())})
-    out["sample"] = samples[0]
+    score = fact_accuracy(predictions, root, split="val")
+    by_count: dict[int, list[bool]] = {}
+    for image_id, ok in score.right.items():
+        by_count.setdefault(counts[image_id], []).append(ok)
+    out = {"facts": 100 * score.accuracy}
+    out.update({f"{n} obj": 100 * sum(oks) / len(oks) for n, oks in sorted(by_count.items())})
+    out["sample"] = predictions[0]["caption"]
     return out
 
 
@@ -61,7 +61,8 @@ def run(seed: int, steps: int, eval_at: list[int], overrides: list[str], root: s
     data.prepare_data()
     data.set_transforms(model.image_transform(True), model.image_transform(False))
     data.setup("fit")
-    facts = {r["image_id"]: r["facts"] for r in json.loads((Path(root) / "val.json").read_text())}
+    records = json.loads((Path(root) / "val.json").read_text())
+    counts = {r["image_id"]: len(r["facts"]["objects"]) for r in records}
     model.log = lambda *a, **k: None  # no trainer attached
     model.train()
     opts = model.configure_optimizers()
@@ -84,7 +85,7 @@ def run(seed: int, steps: int, eval_at: list[int], overrides: list[str], root: s
                 print(f"seed {seed} step {step}: {speed:.2f} s/step, loss {mean:.3f} (last 25)", file=sys.stderr)
             if step in eval_at:
                 row = {"seed": seed, "step": step, "train_s": trained, "loss": sum(recent) / len(recent)}
-                row.update(evaluate(model, data.val_dataloader(), facts))
+                row.update(evaluate(model, data.val_dataloader(), root, counts))
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
             if step >= steps:
